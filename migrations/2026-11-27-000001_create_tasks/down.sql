@@ -1,0 +1,2 @@
+DROP TABLE tasks;
+DROP FUNCTION daisy_notify_tasks_changed();

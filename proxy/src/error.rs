@@ -1,0 +1,73 @@
+//! The library's error types.
+
+use std::path::PathBuf;
+
+/// A failure of the task registry (PostgreSQL).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// No connection could be had from the pool in time.
+    #[error("task registry unavailable: no database connection")]
+    Unavailable(#[source] diesel::r2d2::PoolError),
+    /// A direct connection failed.
+    #[error("task registry unavailable: cannot connect to the database")]
+    Connect(#[source] diesel::ConnectionError),
+    /// A query failed.
+    #[error("task registry query failed")]
+    Query(#[from] diesel::result::Error),
+    /// Running the migrations failed.
+    #[error("running migrations: {0}")]
+    Migration(String),
+}
+
+/// Why a task's plugin could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The module or func name breaks `^[A-Za-z0-9_]+$`.
+    #[error("invalid {what} name '{name}': only letters, digits and '_' are allowed")]
+    InvalidName {
+        /// `module` or `func`.
+        what: &'static str,
+        /// The offending name.
+        name: String,
+    },
+    /// No library file for the module.
+    #[error("plugin module '{module}' not found: no file '{}'", path.display())]
+    NotFound {
+        /// The module.
+        module: String,
+        /// Where its library should be.
+        path: PathBuf,
+    },
+    /// The library could not be read, copied or loaded.
+    #[error("plugin module '{module}': {reason}")]
+    Load {
+        /// The module.
+        module: String,
+        /// What went wrong, naming the file.
+        reason: String,
+    },
+    /// The library loaded but does not export the task.
+    #[error("plugin module '{module}' ('{}') has no task '{func}'; it exports: {}", path.display(), available.join(", "))]
+    NoSuchTask {
+        /// The module.
+        module: String,
+        /// The library file.
+        path: PathBuf,
+        /// The missing task.
+        func: String,
+        /// What the library does export.
+        available: Vec<String>,
+    },
+    /// The plugin refused to create the task (bad config, a panic).
+    #[error("creating task '{func}' of plugin module '{module}': {reason}")]
+    Create {
+        /// The module.
+        module: String,
+        /// The task.
+        func: String,
+        /// The plugin's error.
+        reason: String,
+    },
+}

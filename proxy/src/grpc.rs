@@ -1,0 +1,205 @@
+//! The gRPC edge: the `PostSubProxy` service. The only module that sees
+//! generated protobuf types; errors become `tonic::Status` here and only here.
+
+use std::{sync::Arc, time::Instant};
+
+use proto::{
+    prost_types::{self, value::Kind},
+    v1::{
+        GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest, ProcessResponse,
+        TaskResult, post_sub_proxy_server::PostSubProxy,
+    },
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    catalog::Catalog,
+    error::RegistryError,
+    executor::{Executor, Outcome, Submission},
+};
+
+/// The `PostSubProxy` service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    catalog: Arc<Catalog>,
+    executor: Executor,
+}
+
+impl Service {
+    /// A service answering from `catalog` and running tasks on `executor`.
+    pub fn new(catalog: Arc<Catalog>, executor: Executor) -> Service {
+        Service { catalog, executor }
+    }
+}
+
+fn parse_uuid(field: &str, value: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(value)
+        .map_err(|_| Status::invalid_argument(format!("{field} is not a UUID: '{value}'")))
+}
+
+fn registry_status(err: RegistryError) -> Status {
+    // The detail (host, driver message) goes to the log, not to the caller.
+    tracing::error!(error = %err, cause = ?std::error::Error::source(&err).map(|s| s.to_string()), "task registry failed");
+    match err {
+        RegistryError::Unavailable(_) | RegistryError::Connect(_) => Status::unavailable(
+            "the task registry (PostgreSQL) is unreachable; retry later",
+        ),
+        _ => Status::internal("the task registry failed; see the server log"),
+    }
+}
+
+#[tonic::async_trait]
+impl PostSubProxy for Service {
+    #[tracing::instrument(name = "process", skip_all, fields(form.id, submission.id))]
+    async fn process(
+        &self,
+        request: Request<ProcessRequest>,
+    ) -> Result<Response<ProcessResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("form.id", request.form_id.as_str());
+        span.record("submission.id", request.submission_id.as_str());
+        let form = parse_uuid("form_id", &request.form_id)?;
+        parse_uuid("submission_id", &request.submission_id)?;
+        let submission = request
+            .submission
+            .ok_or_else(|| Status::invalid_argument("submission is missing"))?;
+
+        let started = Instant::now();
+        let tasks = self.catalog.tasks(form).await.map_err(registry_status)?;
+        let sync: Vec<_> = tasks
+            .iter()
+            .filter(|t| t.enabled && !t.is_async)
+            .collect();
+        if sync.is_empty() {
+            return Ok(Response::new(ProcessResponse::default()));
+        }
+        let submission = Submission {
+            form_id: request.form_id,
+            submission_id: request.submission_id,
+            json: struct_to_json(&submission).to_string().into(),
+        };
+        let runs = self.executor.run_all(&sync, &submission, 1).await;
+        let results = sync
+            .iter()
+            .zip(runs)
+            .map(|(task, run)| {
+                let (outcome, output, error) = match run.outcome {
+                    Outcome::Succeeded(output) => {
+                        (PbOutcome::Succeeded, Some(json_to_value(output)), String::new())
+                    }
+                    Outcome::Failed { error, .. } => (PbOutcome::Failed, None, error),
+                    Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, error),
+                };
+                TaskResult {
+                    task_id: task.id.to_string(),
+                    name: task.name.clone(),
+                    outcome: outcome.into(),
+                    output,
+                    error,
+                    duration_us: run.duration.as_micros() as u64,
+                }
+            })
+            .collect();
+        tracing::debug!(
+            tasks = sync.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "processed"
+        );
+        Ok(Response::new(ProcessResponse {
+            results,
+            enqueued: Vec::new(),
+        }))
+    }
+
+    async fn get_runs(
+        &self,
+        _request: Request<GetRunsRequest>,
+    ) -> Result<Response<GetRunsResponse>, Status> {
+        Err(Status::unimplemented(
+            "GetRuns arrives with asynchronous tasks",
+        ))
+    }
+}
+
+/// Converts a protobuf `Struct` to JSON.
+pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => J::Null,
+        Some(Kind::BoolValue(b)) => J::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            // Whole numbers stay integers so plugins see 3, not 3.0.
+            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                J::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(J::Null, J::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => J::String(s.clone()),
+        Some(Kind::ListValue(l)) => J::Array(l.values.iter().map(value_to_json).collect()),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+/// Converts JSON to a protobuf `Value`.
+pub fn json_to_value(v: serde_json::Value) -> prost_types::Value {
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Rewrites tonic's "message too large" (`OUT_OF_RANGE`) into the
+/// `RESOURCE_EXHAUSTED` that Daisy's contract promises for oversized requests.
+pub fn oversize_to_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn json_survives_a_round_trip_through_protobuf() {
+        let doc = json!({
+            "name": "Ada", "age": 36, "ratio": 0.5, "ok": true, "none": null,
+            "tags": ["a", 1, {"deep": [false]}],
+        });
+        let Some(Kind::StructValue(s)) = json_to_value(doc.clone()).kind else {
+            panic!("an object becomes a Struct");
+        };
+        assert_eq!(struct_to_json(&s), doc);
+    }
+}

@@ -1,0 +1,40 @@
+//! Daisy's proxy: the `PostSubProxy` gRPC service and everything behind it.
+//!
+//! A form backend calls `Process` after storing a response; Daisy looks up the
+//! form's tasks and runs the synchronous ones through their plugins.
+//!
+//! # Modules
+//! - [`server`]: assembles the service and runs it (`run`).
+//! - [`grpc`]: the gRPC edge; the only module that sees protobuf types.
+//! - [`catalog`]: the per-form task cache, invalidated by LISTEN/NOTIFY.
+//! - [`registry`]: PostgreSQL (diesel); the only module that talks diesel.
+//! - [`executor`]: runs tasks on the blocking pool under their timeouts.
+//! - [`plugins`]: finds, loads and caches plugin libraries and task instances.
+//! - [`error`]: the error types.
+
+pub mod catalog;
+pub mod error;
+pub mod executor;
+pub mod grpc;
+pub mod plugins;
+pub mod registry;
+pub mod server;
+
+use std::path::PathBuf;
+
+pub use registry::DbConfig;
+pub use server::run;
+
+/// Everything `daisy serve` needs; built by the binary from flags and
+/// environment, never read from the environment here.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The task registry's database.
+    pub db: DbConfig,
+    /// Where plugin libraries live.
+    pub plugins_dir: PathBuf,
+    /// Requests larger than this get `RESOURCE_EXHAUSTED`.
+    pub max_request_bytes: usize,
+    /// How many task runs may be in flight at once.
+    pub max_concurrent_tasks: usize,
+}

@@ -1,0 +1,335 @@
+//! `daisy`: serve the PostSubProxy gRPC service, run migrations, attach tasks
+//! to forms and inspect plugins. Every flag also reads a `DAISY_*` variable.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use proxy::{
+    Config, DbConfig,
+    plugins::{Plugins, validate_name},
+    registry::{NewTask, Registry},
+};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "daisy", version, about = "Pluggable post-submission tasks for form backends")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the PostSubProxy gRPC service.
+    Serve(ServeArgs),
+    /// Create or update the database schema.
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Attach, list and detach the tasks of forms.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Inspect the plugins directory.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Args)]
+struct DbArgs {
+    /// PostgreSQL URL of the task registry.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/daisy",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// Most database connections to open.
+    #[arg(long, env = "DAISY_DB_POOL_SIZE", default_value_t = 8)]
+    db_pool_size: u32,
+    /// How long a call waits for a database connection, in milliseconds.
+    #[arg(long, env = "DAISY_DB_TIMEOUT_MS", default_value_t = 2000)]
+    db_timeout_ms: u64,
+}
+
+impl DbArgs {
+    fn config(&self) -> DbConfig {
+        DbConfig {
+            url: self.database_url.clone(),
+            pool_size: self.db_pool_size,
+            timeout: Duration::from_millis(self.db_timeout_ms),
+        }
+    }
+}
+
+#[derive(Args)]
+struct PluginsArgs {
+    /// Directory holding the plugin libraries (lib<module>.so).
+    #[arg(long, env = "DAISY_PLUGINS_DIR", default_value = "plugins")]
+    plugins_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "DAISY_ADDR", default_value = "127.0.0.1:50051")]
+    addr: String,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    plugins: PluginsArgs,
+    /// Largest request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DAISY_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024)]
+    max_request_bytes: usize,
+    /// How many task runs may be in flight at once.
+    #[arg(long, env = "DAISY_MAX_CONCURRENT_TASKS", default_value_t = 64)]
+    max_concurrent_tasks: usize,
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Attach a plugin task to a form.
+    Attach {
+        /// The form's id.
+        #[arg(long)]
+        form: Uuid,
+        /// A name for the task, shown in results.
+        #[arg(long)]
+        name: String,
+        /// The plugin module: the library lib<module>.so in the plugins directory.
+        #[arg(long)]
+        module: String,
+        /// The task inside the plugin.
+        #[arg(long)]
+        func: String,
+        /// Run it on a worker instead of inside Process.
+        #[arg(long = "async")]
+        is_async: bool,
+        /// The task's configuration, a JSON document.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// How long one run may take, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: i32,
+        /// How many attempts an asynchronous run gets.
+        #[arg(long, default_value_t = 5)]
+        max_attempts: i32,
+        /// Attach it disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        plugins: PluginsArgs,
+    },
+    /// List attached tasks.
+    List {
+        /// Only this form's tasks.
+        #[arg(long)]
+        form: Option<Uuid>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Detach a task.
+    Detach {
+        /// The task's id.
+        id: Uuid,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// List the libraries in the plugins directory, their tasks, and whether they load.
+    List {
+        #[command(flatten)]
+        plugins: PluginsArgs,
+    },
+}
+
+fn main() {
+    let code = match try_main() {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            1
+        }
+    };
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // libpq's OpenSSL registers an atexit cleanup that crashes the process
+    // when a connection-pool thread is still in a TLS handshake at exit.
+    // Everything is flushed and shut down by now, so leave without atexit.
+    // SAFETY: `_exit` ends the process; no Rust code runs after it.
+    unsafe { libc::_exit(code) }
+}
+
+fn try_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower=warn,h2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Migrate { db } => {
+            let applied = Registry::new(&db.config())
+                .migrate()
+                .context("migrating the task registry")?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            }
+            for version in applied {
+                println!("applied migration {version}");
+            }
+            Ok(())
+        }
+        Command::Task(command) => task(command),
+        Command::Plugin(PluginCommand::List { plugins }) => plugin_list(&plugins.plugins_dir),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        let config = Config {
+            db: args.db.config(),
+            plugins_dir: args.plugins.plugins_dir,
+            max_request_bytes: args.max_request_bytes,
+            max_concurrent_tasks: args.max_concurrent_tasks,
+        };
+        proxy::run(listener, config, shutdown_signal()).await
+    })
+}
+
+/// Completes on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight calls");
+}
+
+fn task(command: TaskCommand) -> anyhow::Result<()> {
+    match command {
+        TaskCommand::Attach {
+            form,
+            name,
+            module,
+            func,
+            is_async,
+            config,
+            timeout_ms,
+            max_attempts,
+            disabled,
+            db,
+            plugins,
+        } => {
+            validate_name("module", &module)?;
+            validate_name("func", &func)?;
+            let config: serde_json::Value =
+                serde_json::from_str(&config).context("--config is not valid JSON")?;
+            anyhow::ensure!(timeout_ms > 0, "--timeout-ms must be positive");
+            anyhow::ensure!(max_attempts > 0, "--max-attempts must be positive");
+            check_plugin(&plugins.plugins_dir, &module, &func);
+            let task = Registry::new(&db.config())
+                .attach(&NewTask {
+                    form_id: form,
+                    name,
+                    module,
+                    func,
+                    is_async,
+                    config,
+                    enabled: !disabled,
+                    timeout_ms,
+                    max_attempts,
+                })
+                .context("attaching the task")?;
+            println!("{}", task.id);
+            Ok(())
+        }
+        TaskCommand::List { form, db } => {
+            let tasks = Registry::new(&db.config())
+                .list(form)
+                .context("listing tasks")?;
+            println!(
+                "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  CONFIG",
+                "ID", "FORM", "NAME", "MODULE::FUNC", "MODE", "ENABLED"
+            );
+            for t in tasks {
+                println!(
+                    "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {}",
+                    t.id,
+                    t.form_id,
+                    t.name,
+                    format!("{}::{}", t.module, t.func),
+                    if t.is_async { "async" } else { "sync" },
+                    t.enabled,
+                    t.config
+                );
+            }
+            Ok(())
+        }
+        TaskCommand::Detach { id, db } => {
+            let found = Registry::new(&db.config())
+                .detach(id)
+                .context("detaching the task")?;
+            anyhow::ensure!(found, "no task with id {id}");
+            println!("detached {id}");
+            Ok(())
+        }
+    }
+}
+
+/// Warns when the task's plugin is not (yet) usable; attaching still works,
+/// since the library may be installed later.
+fn check_plugin(dir: &std::path::Path, module: &str, func: &str) {
+    let plugins = match Plugins::new(dir) {
+        Ok(plugins) => plugins,
+        Err(_) => return,
+    };
+    match plugins.library(module) {
+        Ok(loaded) if !loaded.library.tasks().any(|t| t == func) => eprintln!(
+            "warning: plugin '{module}' has no task '{func}' (it exports: {})",
+            loaded.library.tasks().collect::<Vec<_>>().join(", ")
+        ),
+        Ok(_) => {}
+        Err(err) => eprintln!("warning: {err}; the task will fail until that is fixed"),
+    }
+}
+
+fn plugin_list(dir: &std::path::Path) -> anyhow::Result<()> {
+    let plugins = Arc::new(Plugins::new(dir).context("creating the plugin loader")?);
+    let found = plugins
+        .scan()
+        .with_context(|| format!("reading plugins directory '{}'", dir.display()))?;
+    if found.is_empty() {
+        println!("no plugin libraries in '{}'", dir.display());
+    }
+    for (module, loaded) in found {
+        match loaded {
+            Ok(loaded) => println!(
+                "{module}\tok\t{} {} (plugin-api {})\ttasks: {}",
+                loaded.library.name(),
+                loaded.library.version(),
+                loaded.library.api_version(),
+                loaded.library.tasks().collect::<Vec<_>>().join(", ")
+            ),
+            Err(err) => println!("{module}\terror\t{err}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! The task registry on PostgreSQL: the only module that talks diesel.
+//!
+//! Holds the connection pool, the embedded migrations, the `tasks` queries
+//! used by the server and the CLI, and the blocking LISTEN loop that reports
+//! changes to a form's tasks (see `migrations/` for the trigger).
+
+mod schema;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    Connection, PgConnection,
+    prelude::*,
+    r2d2::{ConnectionManager, Pool, PooledConnection},
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use uuid::Uuid;
+
+use crate::error::RegistryError;
+
+use self::schema::tasks;
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
+
+/// The NOTIFY channel the `tasks` trigger announces changes on.
+const CHANNEL: &str = "daisy_tasks";
+
+/// One task attached to a form: a row of `tasks`.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
+pub struct TaskDef {
+    /// The task's id.
+    pub id: Uuid,
+    /// The form it is attached to.
+    pub form_id: Uuid,
+    /// A name for people, returned in results.
+    pub name: String,
+    /// The plugin library: `lib<module>.so` in the plugins directory.
+    pub module: String,
+    /// The task inside the library.
+    pub func: String,
+    /// Runs on a worker (true) or inside `Process` (false).
+    #[diesel(column_name = async_status)]
+    pub is_async: bool,
+    /// The task's configuration, handed to the plugin when it is created.
+    pub config: serde_json::Value,
+    /// Disabled tasks are kept but not run.
+    pub enabled: bool,
+    /// How long one run may take.
+    pub timeout_ms: i32,
+    /// How many attempts an asynchronous run gets.
+    pub max_attempts: i32,
+    /// When the task was attached; results come in this order.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A task to attach to a form.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = tasks)]
+pub struct NewTask {
+    /// The form to attach it to.
+    pub form_id: Uuid,
+    /// A name for people.
+    pub name: String,
+    /// The plugin library.
+    pub module: String,
+    /// The task inside the library.
+    pub func: String,
+    /// Runs on a worker (true) or inside `Process` (false).
+    #[diesel(column_name = async_status)]
+    pub is_async: bool,
+    /// The task's configuration.
+    pub config: serde_json::Value,
+    /// Whether it runs.
+    pub enabled: bool,
+    /// How long one run may take.
+    pub timeout_ms: i32,
+    /// How many attempts an asynchronous run gets.
+    pub max_attempts: i32,
+}
+
+/// Connection settings for the registry.
+#[derive(Clone)]
+pub struct DbConfig {
+    /// `postgres://` URL; may hold a password, so it is never logged.
+    pub url: String,
+    /// Most connections the pool opens.
+    pub pool_size: u32,
+    /// How long a call waits for a connection before it fails.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for DbConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("DbConfig")
+            .field("url", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// The task registry: a connection pool and the queries on `tasks`.
+#[derive(Clone)]
+pub struct Registry {
+    pool: Pool<ConnectionManager<PgConnection>>,
+    url: Arc<str>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Builds the pool without connecting: a registry can start while the
+    /// database is down, and connects when it is back.
+    pub fn new(config: &DbConfig) -> Registry {
+        let pool = Pool::builder()
+            .max_size(config.pool_size.max(1))
+            // Connections are opened on demand; none are kept warm for nothing.
+            .min_idle(Some(0))
+            .connection_timeout(config.timeout)
+            // r2d2 logs connection errors on its own; ours name the operation.
+            .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
+            .build_unchecked(ConnectionManager::new(config.url.clone()));
+        Registry {
+            pool,
+            url: config.url.as_str().into(),
+        }
+    }
+
+    fn conn(&self) -> Result<PooledConnection<ConnectionManager<PgConnection>>, RegistryError> {
+        self.pool.get().map_err(RegistryError::Unavailable)
+    }
+
+    /// Runs the embedded migrations; returns the versions it applied.
+    pub fn migrate(&self) -> Result<Vec<String>, RegistryError> {
+        let mut conn = self.conn()?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map_err(|err| RegistryError::Migration(err.to_string()))?;
+        Ok(applied.iter().map(|v| v.to_string()).collect())
+    }
+
+    /// The tasks attached to `form`, in the order they were attached.
+    pub fn tasks_for_form(&self, form: Uuid) -> Result<Vec<TaskDef>, RegistryError> {
+        let mut conn = self.conn()?;
+        Ok(tasks::table
+            .filter(tasks::form_id.eq(form))
+            .order((tasks::created_at, tasks::id))
+            .select(TaskDef::as_select())
+            .load(&mut conn)?)
+    }
+
+    /// Every task, or those of one form.
+    pub fn list(&self, form: Option<Uuid>) -> Result<Vec<TaskDef>, RegistryError> {
+        let mut conn = self.conn()?;
+        let mut query = tasks::table
+            .order((tasks::form_id, tasks::created_at, tasks::id))
+            .select(TaskDef::as_select())
+            .into_boxed();
+        if let Some(form) = form {
+            query = query.filter(tasks::form_id.eq(form));
+        }
+        Ok(query.load(&mut conn)?)
+    }
+
+    /// Attaches a task to a form.
+    pub fn attach(&self, task: &NewTask) -> Result<TaskDef, RegistryError> {
+        let mut conn = self.conn()?;
+        Ok(diesel::insert_into(tasks::table)
+            .values(task)
+            .returning(TaskDef::as_returning())
+            .get_result(&mut conn)?)
+    }
+
+    /// Detaches a task; false if there was no such task.
+    pub fn detach(&self, id: Uuid) -> Result<bool, RegistryError> {
+        let mut conn = self.conn()?;
+        let deleted = diesel::delete(tasks::table.find(id)).execute(&mut conn)?;
+        Ok(deleted > 0)
+    }
+
+    /// Listens for changes to `tasks` on a thread of its own until `stop` is set.
+    ///
+    /// Calls `on_event` with [`Change::Reset`] each time it has (re)connected,
+    /// because changes made while it was away were missed, and with
+    /// [`Change::Form`] for each change after that. While disconnected it
+    /// retries every `retry`.
+    pub fn listen(
+        &self,
+        retry: Duration,
+        stop: Arc<AtomicBool>,
+        on_event: impl Fn(Change) + Send + 'static,
+    ) {
+        let url = self.url.clone();
+        thread::Builder::new()
+            .name("daisy-listen".into())
+            .spawn(move || {
+                let mut was_connected = true;
+                while !stop.load(Ordering::Relaxed) {
+                    match listen_once(&url, &stop, &on_event) {
+                        Ok(()) => return,
+                        Err(err) => {
+                            if was_connected {
+                                tracing::warn!(error = %err, "task change listener lost the database; retrying");
+                            }
+                            was_connected = false;
+                            on_event(Change::Lost);
+                        }
+                    }
+                    sleep_unless_stopped(retry, &stop);
+                }
+            })
+            .expect("spawning the listener thread");
+    }
+}
+
+/// A change reported by [`Registry::listen`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The listener (re)connected: anything cached may be stale.
+    Reset,
+    /// The listener lost its connection: changes are not seen until `Reset`.
+    Lost,
+    /// The tasks of this form changed.
+    Form(Uuid),
+}
+
+/// How often the listener polls its connection for notifications. Polling is
+/// a non-blocking read, so this bounds how late a change is seen.
+const POLL: Duration = Duration::from_millis(50);
+/// How often it proves the connection alive with a query.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+fn listen_once(
+    url: &str,
+    stop: &AtomicBool,
+    on_event: &impl Fn(Change),
+) -> Result<(), RegistryError> {
+    let mut conn = PgConnection::establish(url).map_err(RegistryError::Connect)?;
+    diesel::sql_query(format!("LISTEN {CHANNEL}")).execute(&mut conn)?;
+    tracing::debug!("listening for task changes");
+    on_event(Change::Reset);
+    let mut last_heartbeat = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        for notification in conn.notifications_iter() {
+            let notification = notification?;
+            match notification.payload.parse::<Uuid>() {
+                Ok(form) => on_event(Change::Form(form)),
+                Err(_) => on_event(Change::Reset),
+            }
+        }
+        if last_heartbeat.elapsed() >= HEARTBEAT {
+            diesel::sql_query("SELECT 1").execute(&mut conn)?;
+            last_heartbeat = Instant::now();
+        }
+        thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
+    let deadline = Instant::now() + total;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        thread::sleep(POLL);
+    }
+}
