@@ -117,15 +117,25 @@ impl From<TaskError> for FfiError {
     }
 }
 
+std::thread_local! {
+    /// Where the last panic on this thread happened, recorded by the hook
+    /// that [`__private::root_module`] installs.
+    static PANIC_LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 fn panic_error(payload: Box<dyn std::any::Any + Send>) -> FfiError {
     let message = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
+    let location = PANIC_LOCATION
+        .with(|l| l.borrow_mut().take())
+        .map(|l| format!(" at {l}"))
+        .unwrap_or_default();
     FfiError {
         kind: ErrorKind::Panicked,
-        message: format!("task panicked: {message}").into(),
+        message: format!("task panicked{location}: {message}").into(),
     }
 }
 
@@ -186,12 +196,21 @@ pub mod __private {
     }
 
     /// Builds (once per library) and leaks the root module.
+    ///
+    /// Also replaces the library's panic hook (a cdylib has its own copy of
+    /// std, so this touches neither the host nor other plugins): panics are
+    /// caught and returned as errors carrying their location, instead of
+    /// being printed to the host's stderr.
     pub fn root_module(
         name: &'static str,
         version: &'static str,
         tasks: &[&'static str],
         new_task: extern "C" fn(RStr<'_>, RStr<'_>) -> NewTaskResult,
     ) -> PluginModRef {
+        std::panic::set_hook(Box::new(|info| {
+            let location = info.location().map(|l| l.to_string());
+            PANIC_LOCATION.with(|l| *l.borrow_mut() = location);
+        }));
         PluginMod {
             name: name.into(),
             version: version.into(),
@@ -224,7 +243,6 @@ pub mod __private {
             Err(payload) => RErr(panic_error(payload)),
         }
     }
-
 }
 
 #[cfg(test)]

@@ -123,7 +123,9 @@ impl Library {
             },
         })?;
         let library = header.version_strings().version.as_str();
-        let host = <PluginModRef as RootModule>::VERSION_STRINGS.version.as_str();
+        let host = <PluginModRef as RootModule>::VERSION_STRINGS
+            .version
+            .as_str();
         if !compatible(library, host) {
             return Err(LoadError::IncompatibleVersion {
                 path: path.to_owned(),

@@ -113,7 +113,6 @@ impl Catalog {
         let forms = self.state.forms.read().expect("catalog lock poisoned");
         forms.get(&form).cloned()
     }
-
 }
 
 impl Drop for Catalog {

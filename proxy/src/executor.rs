@@ -141,7 +141,12 @@ impl Executor {
     }
 }
 
-fn run_blocking(plugins: &Plugins, task: &TaskDef, submission: &Submission, attempt: u32) -> Outcome {
+fn run_blocking(
+    plugins: &Plugins,
+    task: &TaskDef,
+    submission: &Submission,
+    attempt: u32,
+) -> Outcome {
     let handle = match plugins.instance(task) {
         Ok(handle) => handle,
         Err(err) => {

@@ -42,9 +42,9 @@ fn registry_status(err: RegistryError) -> Status {
     // The detail (host, driver message) goes to the log, not to the caller.
     tracing::error!(error = %err, cause = ?std::error::Error::source(&err).map(|s| s.to_string()), "task registry failed");
     match err {
-        RegistryError::Unavailable(_) | RegistryError::Connect(_) => Status::unavailable(
-            "the task registry (PostgreSQL) is unreachable; retry later",
-        ),
+        RegistryError::Unavailable(_) | RegistryError::Connect(_) => {
+            Status::unavailable("the task registry (PostgreSQL) is unreachable; retry later")
+        }
         _ => Status::internal("the task registry failed; see the server log"),
     }
 }
@@ -68,10 +68,7 @@ impl PostSubProxy for Service {
 
         let started = Instant::now();
         let tasks = self.catalog.tasks(form).await.map_err(registry_status)?;
-        let sync: Vec<_> = tasks
-            .iter()
-            .filter(|t| t.enabled && !t.is_async)
-            .collect();
+        let sync: Vec<_> = tasks.iter().filter(|t| t.enabled && !t.is_async).collect();
         if sync.is_empty() {
             return Ok(Response::new(ProcessResponse::default()));
         }
@@ -86,9 +83,11 @@ impl PostSubProxy for Service {
             .zip(runs)
             .map(|(task, run)| {
                 let (outcome, output, error) = match run.outcome {
-                    Outcome::Succeeded(output) => {
-                        (PbOutcome::Succeeded, Some(json_to_value(output)), String::new())
-                    }
+                    Outcome::Succeeded(output) => (
+                        PbOutcome::Succeeded,
+                        Some(json_to_value(output)),
+                        String::new(),
+                    ),
                     Outcome::Failed { error, .. } => (PbOutcome::Failed, None, error),
                     Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, error),
                 };
@@ -121,6 +120,56 @@ impl PostSubProxy for Service {
             "GetRuns arrives with asynchronous tasks",
         ))
     }
+}
+
+/// Calls `Process` on the server at `addr` (`http://host:port`) and returns
+/// the response as JSON, with enum values by name; used by `daisy process`.
+pub async fn call_process(
+    addr: &str,
+    form_id: &str,
+    submission_id: &str,
+    submission: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    use proto::v1::post_sub_proxy_client::PostSubProxyClient;
+
+    let Kind::StructValue(submission) = json_to_value(submission)
+        .kind
+        .expect("json_to_value always sets a kind")
+    else {
+        anyhow::bail!("the submission must be a JSON object");
+    };
+    let mut client = PostSubProxyClient::connect(addr.to_owned())
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let response = client
+        .process(ProcessRequest {
+            form_id: form_id.to_owned(),
+            submission_id: submission_id.to_owned(),
+            submission: Some(submission),
+        })
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("Process failed: {:?}: {}", status.code(), status.message())
+        })?
+        .into_inner();
+    let output =
+        |v: &Option<prost_types::Value>| v.as_ref().map_or(serde_json::Value::Null, value_to_json);
+    Ok(serde_json::json!({
+        "results": response.results.iter().map(|r| serde_json::json!({
+            "task_id": r.task_id,
+            "name": r.name,
+            "outcome": r.outcome().as_str_name(),
+            "output": output(&r.output),
+            "error": r.error,
+            "duration_us": r.duration_us,
+        })).collect::<Vec<_>>(),
+        "enqueued": response.enqueued.iter().map(|e| serde_json::json!({
+            "task_id": e.task_id,
+            "name": e.name,
+            "run_id": e.run_id,
+        })).collect::<Vec<_>>(),
+    }))
 }
 
 /// Converts a protobuf `Struct` to JSON.
@@ -178,7 +227,10 @@ pub fn oversize_to_resource_exhausted<B>(mut response: http::Response<B>) -> htt
         && headers
             .get("grpc-message")
             .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
     if too_large {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }

@@ -13,7 +13,11 @@ use proxy::{
 use uuid::Uuid;
 
 #[derive(Parser)]
-#[command(name = "daisy", version, about = "Pluggable post-submission tasks for form backends")]
+#[command(
+    name = "daisy",
+    version,
+    about = "Pluggable post-submission tasks for form backends"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,6 +38,21 @@ enum Command {
     /// Inspect the plugins directory.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Call Process on a running server and print the response as JSON.
+    Process {
+        /// The server's address.
+        #[arg(long, env = "DAISY_SERVER", default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// The form's id.
+        #[arg(long)]
+        form: Uuid,
+        /// The submission's id; a new one if not given.
+        #[arg(long)]
+        submission_id: Option<Uuid>,
+        /// The submission, a JSON object.
+        #[arg(long, default_value = "{}")]
+        submission: String,
+    },
 }
 
 #[derive(Args)]
@@ -169,10 +188,15 @@ fn main() {
 
 fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The server logs what it does; one-shot commands only what went wrong.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info,tower=warn,h2=warn",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower=warn,h2=warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -192,6 +216,25 @@ fn try_main() -> anyhow::Result<()> {
         }
         Command::Task(command) => task(command),
         Command::Plugin(PluginCommand::List { plugins }) => plugin_list(&plugins.plugins_dir),
+        Command::Process {
+            server,
+            form,
+            submission_id,
+            submission,
+        } => {
+            let submission: serde_json::Value =
+                serde_json::from_str(&submission).context("--submission is not valid JSON")?;
+            let submission_id = submission_id.unwrap_or_else(Uuid::new_v4);
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let response = runtime.block_on(proxy::grpc::call_process(
+                &server,
+                &form.to_string(),
+                &submission_id.to_string(),
+                submission,
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&response)?);
+            Ok(())
+        }
     }
 }
 

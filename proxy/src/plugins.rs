@@ -87,6 +87,9 @@ pub struct Loaded {
     generation: u64,
 }
 
+/// A library, or why it could not be loaded.
+pub type LoadResult = Result<Arc<Loaded>, PluginError>;
+
 struct LibEntry {
     fingerprint: Fingerprint,
     loaded: Result<Arc<Loaded>, PluginError>,
@@ -123,7 +126,9 @@ impl Plugins {
     pub fn new(dir: impl Into<PathBuf>) -> std::io::Result<Plugins> {
         Ok(Plugins {
             dir: dir.into(),
-            private: tempfile::Builder::new().prefix("daisy-plugins-").tempdir()?,
+            private: tempfile::Builder::new()
+                .prefix("daisy-plugins-")
+                .tempdir()?,
             libs: Mutex::default(),
             load_lock: Mutex::default(),
             instances: Mutex::default(),
@@ -171,7 +176,9 @@ impl Plugins {
                 plugin.version = lib.library.version(),
                 "loaded plugin library"
             ),
-            Err(err) => tracing::warn!(plugin.module = module, error = %err, "plugin library failed to load"),
+            Err(err) => {
+                tracing::warn!(plugin.module = module, error = %err, "plugin library failed to load")
+            }
         }
         self.libs.lock().expect("plugin cache poisoned").insert(
             module.to_owned(),
@@ -254,16 +261,19 @@ impl Plugins {
                 func: task.func.clone(),
                 reason: err.to_string(),
             })?;
-        self.instances.lock().expect("instance cache poisoned").insert(
-            task.id,
-            Instance {
-                form: task.form_id,
-                generation: loaded.generation,
-                func: task.func.clone(),
-                config: task.config.clone(),
-                handle: handle.clone(),
-            },
-        );
+        self.instances
+            .lock()
+            .expect("instance cache poisoned")
+            .insert(
+                task.id,
+                Instance {
+                    form: task.form_id,
+                    generation: loaded.generation,
+                    func: task.func.clone(),
+                    config: task.config.clone(),
+                    handle: handle.clone(),
+                },
+            );
         Ok(handle)
     }
 
@@ -278,7 +288,7 @@ impl Plugins {
 
     /// Every library file in the directory, in name order, with its load result.
     /// Used by `daisy plugin list`.
-    pub fn scan(&self) -> std::io::Result<Vec<(String, Result<Arc<Loaded>, PluginError>)>> {
+    pub fn scan(&self) -> std::io::Result<Vec<(String, LoadResult)>> {
         let (prefix, suffix) = (std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
         let mut modules: Vec<String> = fs::read_dir(&self.dir)?
             .filter_map(|entry| entry.ok())

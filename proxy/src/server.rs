@@ -37,9 +37,7 @@ pub async fn run(
         .max_decoding_message_size(config.max_request_bytes);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PostSubProxyServer<Service>>()
-        .await;
+    health.set_serving::<PostSubProxyServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

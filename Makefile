@@ -1,0 +1,42 @@
+# Daisy's tasks. Recipes stay one-liners; behaviour lives in Rust or scripts/.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+CARGO ?= cargo
+# Plugin crates installed into plugins/ by `make plugins` (test fixtures excluded).
+PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
+DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
+
+.PHONY: help build plugins migrate serve demo test lint check-schema ci
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+build: ## build every crate of the workspace (debug)
+	$(CARGO) build --workspace
+
+plugins: ## build the plugins and install their libraries into plugins/
+	$(CARGO) build $(addprefix -p ,$(PLUGINS))
+	@for p in $(subst -,_,$(PLUGINS)); do install -m 0644 target/debug/lib$$p.$(DLL) plugins/lib$$p.$(DLL) && echo "installed plugins/lib$$p.$(DLL)"; done
+
+migrate: ## create or update the schema of DATABASE_URL
+	$(CARGO) run -q -p proxy -- migrate
+
+serve: plugins ## run daisy serve on DAISY_ADDR (default 127.0.0.1:50051)
+	$(CARGO) run -q -p proxy -- serve
+
+demo: ## build, migrate, attach echo to a new form, serve, call Process once, stop
+	scripts/demo.sh
+
+test: ## run the whole test suite against the real PostgreSQL
+	$(CARGO) build --workspace
+	$(CARGO) test --workspace
+
+lint: ## rustfmt and clippy, warnings as errors
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+check-schema: ## diesel CLI: migration run, redo and print-schema match the committed schema
+	scripts/check-schema.sh
+
+ci: lint test check-schema demo ## everything .ci/run checks

@@ -1,0 +1,137 @@
+//! The `daisy` binary's administrative commands.
+
+use std::process::{Command, Output};
+
+use uuid::Uuid;
+
+use crate::util::*;
+
+fn daisy(db: &TestDb, plugins: &PluginsDir, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_daisy"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("DAISY_PLUGINS_DIR", plugins.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running daisy")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "daisy failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn tasks_are_attached_listed_and_detached() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("echo", "echo");
+    let form = Uuid::new_v4().to_string();
+
+    let up_to_date = stdout(&daisy(&db, &plugins, &["migrate"]));
+    assert!(up_to_date.contains("up to date"), "{up_to_date}");
+
+    let id = stdout(&daisy(
+        &db,
+        &plugins,
+        &[
+            "task",
+            "attach",
+            "--form",
+            &form,
+            "--name",
+            "greet",
+            "--module",
+            "echo",
+            "--func",
+            "echo",
+            "--config",
+            r#"{"lang":"fr"}"#,
+        ],
+    ));
+    let id: Uuid = id.trim().parse().expect("attach prints the new task's id");
+
+    let listed = stdout(&daisy(&db, &plugins, &["task", "list", "--form", &form]));
+    assert!(
+        listed.contains(&id.to_string()) && listed.contains("echo::echo"),
+        "{listed}"
+    );
+    assert!(listed.contains(r#"{"lang":"fr"}"#), "{listed}");
+
+    stdout(&daisy(&db, &plugins, &["task", "detach", &id.to_string()]));
+    let listed = stdout(&daisy(&db, &plugins, &["task", "list", "--form", &form]));
+    assert!(!listed.contains(&id.to_string()), "{listed}");
+
+    let again = daisy(&db, &plugins, &["task", "detach", &id.to_string()]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no task with id"));
+}
+
+#[test]
+fn attach_refuses_bad_names_and_config_and_warns_about_missing_plugins() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    let form = Uuid::new_v4().to_string();
+    let attach = |module: &str, config: &str| {
+        daisy(
+            &db,
+            &plugins,
+            &[
+                "task", "attach", "--form", &form, "--name", "n", "--module", module, "--func",
+                "echo", "--config", config,
+            ],
+        )
+    };
+
+    let escape = attach("../evil", "{}");
+    assert!(!escape.status.success());
+    assert!(String::from_utf8_lossy(&escape.stderr).contains("invalid module name '../evil'"));
+
+    let bad_json = attach("echo", "{not json");
+    assert!(!bad_json.status.success());
+    assert!(String::from_utf8_lossy(&bad_json.stderr).contains("--config is not valid JSON"));
+
+    let missing = attach("echo", "{}");
+    assert!(
+        missing.status.success(),
+        "attaching before installing the plugin works"
+    );
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("warning: plugin module 'echo' not found")
+    );
+}
+
+#[test]
+fn plugin_list_shows_tasks_and_load_errors() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    plugins.install("testkit_foreign_abi", "future");
+    std::fs::write(plugins.module_path("broken"), b"not a library").expect("writing");
+
+    let listed = stdout(&daisy(&db, &plugins, &["plugin", "list"]));
+    let line = |module: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(&format!("{module}\t")))
+            .unwrap_or_else(|| panic!("no line for {module}: {listed}"))
+            .to_owned()
+    };
+    assert!(
+        line("testkit").contains("ok") && line("testkit").contains("sleep"),
+        "{listed}"
+    );
+    assert!(
+        line("future").contains("error") && line("future").contains("plugin-api 9.0.0"),
+        "{listed}"
+    );
+    assert!(
+        line("broken").contains("error") && line("broken").contains("libbroken.so"),
+        "{listed}"
+    );
+}

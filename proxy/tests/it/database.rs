@@ -1,0 +1,118 @@
+//! PostgreSQL outages: cached forms keep being served, the rest get
+//! UNAVAILABLE, and everything works again once the database is back.
+
+use std::time::{Duration, Instant};
+
+use proto::v1::Outcome;
+use serde_json::json;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::util::*;
+
+#[tokio::test]
+async fn cached_forms_are_served_while_the_database_is_cut_off() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("echo", "echo");
+    let (cached, uncached) = (Uuid::new_v4(), Uuid::new_v4());
+    db.attach(cached, "echo", "echo", "echo", json!({}));
+    db.attach(uncached, "echo", "echo", "echo", json!({}));
+    let relay = Relay::start(postgres_addr()).await;
+    let server = TestServer::start(&with_port(&db.url, relay.addr), plugins.path()).await;
+    let mut client = server.client().await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the listener connects
+    process(&mut client, cached, sample()).await;
+
+    relay.cut();
+
+    for _ in 0..3 {
+        let response = process(&mut client, cached, sample()).await;
+        assert_eq!(response.results[0].outcome(), Outcome::Succeeded);
+    }
+    let status = client
+        .process(request(uncached, sample()))
+        .await
+        .expect_err("needs the database");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("PostgreSQL"), "{status:?}");
+    assert!(
+        !status.message().contains("127.0.0.1"),
+        "no connection details leak: {status:?}"
+    );
+
+    relay.restore();
+
+    let back = Instant::now();
+    loop {
+        match client.process(request(uncached, sample())).await {
+            Ok(response) => {
+                assert_eq!(
+                    response.into_inner().results[0].outcome(),
+                    Outcome::Succeeded
+                );
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                assert!(
+                    back.elapsed() < Duration::from_secs(10),
+                    "no recovery: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let response = process(&mut client, cached, sample()).await;
+    assert_eq!(response.results[0].outcome(), Outcome::Succeeded);
+
+    // Changes are seen again once the listener is back.
+    let added = db.attach(cached, "second", "echo", "echo", json!({}));
+    let since = Instant::now();
+    while process(&mut client, cached, sample()).await.results.len() < 2 {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "task {} not seen after recovery",
+            added.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn server_started_while_the_database_is_down_serves_once_it_is_up() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("echo", "echo");
+    let form = Uuid::new_v4();
+    db.attach(form, "echo", "echo", "echo", json!({}));
+    let relay = Relay::start(postgres_addr()).await;
+    relay.cut();
+    let server = TestServer::start(&with_port(&db.url, relay.addr), plugins.path()).await;
+    let mut client = server.client().await;
+
+    let status = client
+        .process(request(form, sample()))
+        .await
+        .expect_err("database down");
+    assert_eq!(status.code(), Code::Unavailable);
+
+    relay.restore();
+    let since = Instant::now();
+    loop {
+        match client.process(request(form, sample())).await {
+            Ok(response) => {
+                assert_eq!(response.into_inner().results.len(), 1);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                assert!(
+                    since.elapsed() < Duration::from_secs(10),
+                    "no recovery: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Integration tests of the proxy against the real PostgreSQL and real built
+//! plugin libraries. See `util` for what they need.
+
+mod util;
+
+mod cli;
+mod database;
+mod faults;
+mod hot_reload;
+mod process;
+mod service;
+mod validation;
