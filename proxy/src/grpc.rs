@@ -3,11 +3,13 @@
 
 use std::{sync::Arc, time::Instant};
 
+use chrono::Utc;
 use proto::{
     prost_types::{self, value::Kind},
     v1::{
-        GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest, ProcessResponse,
-        TaskResult, post_sub_proxy_server::PostSubProxy,
+        Enqueued, GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest,
+        ProcessResponse, Run as PbRun, RunState as PbRunState, TaskResult,
+        post_sub_proxy_server::PostSubProxy,
     },
 };
 use tonic::{Request, Response, Status};
@@ -17,6 +19,8 @@ use crate::{
     catalog::Catalog,
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
+    outbox::{Outbox, RunLog},
+    registry::{Registry, RunState, SyncRun},
 };
 
 /// The `PostSubProxy` service.
@@ -24,12 +28,33 @@ use crate::{
 pub struct Service {
     catalog: Arc<Catalog>,
     executor: Executor,
+    registry: Registry,
+    outbox: Outbox,
+    run_log: RunLog,
+    grace: std::time::Duration,
 }
 
 impl Service {
-    /// A service answering from `catalog` and running tasks on `executor`.
-    pub fn new(catalog: Arc<Catalog>, executor: Executor) -> Service {
-        Service { catalog, executor }
+    /// A service answering from `catalog`, running synchronous tasks on
+    /// `executor`, accepting asynchronous ones into `registry` and
+    /// publishing them through `outbox`; `grace` is how long the relay leaves
+    /// a new run to this service's own publish.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        executor: Executor,
+        registry: Registry,
+        outbox: Outbox,
+        run_log: RunLog,
+        grace: std::time::Duration,
+    ) -> Service {
+        Service {
+            catalog,
+            executor,
+            registry,
+            outbox,
+            run_log,
+            grace,
+        }
     }
 }
 
@@ -61,7 +86,7 @@ impl PostSubProxy for Service {
         span.record("form.id", request.form_id.as_str());
         span.record("submission.id", request.submission_id.as_str());
         let form = parse_uuid("form_id", &request.form_id)?;
-        parse_uuid("submission_id", &request.submission_id)?;
+        let submission_id = parse_uuid("submission_id", &request.submission_id)?;
         let submission = request
             .submission
             .ok_or_else(|| Status::invalid_argument("submission is missing"))?;
@@ -69,59 +94,145 @@ impl PostSubProxy for Service {
         let started = Instant::now();
         let tasks = self.catalog.tasks(form).await.map_err(registry_status)?;
         let sync: Vec<_> = tasks.iter().filter(|t| t.enabled && !t.is_async).collect();
-        if sync.is_empty() {
+        let later: Vec<_> = tasks.iter().filter(|t| t.enabled && t.is_async).collect();
+        if sync.is_empty() && later.is_empty() {
             return Ok(Response::new(ProcessResponse::default()));
         }
+        let payload = struct_to_json(&submission);
         let submission = Submission {
             form_id: request.form_id,
             submission_id: request.submission_id,
-            json: struct_to_json(&submission).to_string().into(),
+            json: payload.to_string().into(),
         };
-        let runs = self.executor.run_all(&sync, &submission, 1).await;
+
+        // The outbox commit and the synchronous tasks run side by side.
+        let accept = async {
+            if later.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (registry, grace) = (self.registry.clone(), self.grace);
+            let defs: Vec<_> = later.iter().map(|t| (*t).clone()).collect();
+            tokio::task::spawn_blocking(move || {
+                let defs: Vec<_> = defs.iter().collect();
+                registry.accept(form, submission_id, &payload, &defs, grace)
+            })
+            .await
+            .expect("outbox write panicked")
+        };
+        let sync_started = Utc::now();
+        let (accepted, runs) = tokio::join!(accept, self.executor.run_all(&sync, &submission, 1));
+        let accepted = accepted.map_err(registry_status)?;
+
+        let fresh: Vec<Uuid> = accepted
+            .iter()
+            .filter(|a| a.unpublished)
+            .map(|a| a.run_id)
+            .collect();
+        if !fresh.is_empty() {
+            self.outbox.publish_soon(fresh);
+        }
+        let enqueued = later
+            .iter()
+            .filter_map(|task| {
+                let run = accepted.iter().find(|a| a.task_id == task.id)?;
+                Some(Enqueued {
+                    task_id: task.id.to_string(),
+                    name: task.name.clone(),
+                    run_id: run.run_id.to_string(),
+                })
+            })
+            .collect();
+
+        let mut log = Vec::with_capacity(sync.len());
         let results = sync
             .iter()
             .zip(runs)
             .map(|(task, run)| {
                 let (outcome, output, error) = match run.outcome {
-                    Outcome::Succeeded(output) => (
-                        PbOutcome::Succeeded,
-                        Some(json_to_value(output)),
-                        String::new(),
-                    ),
+                    Outcome::Succeeded(output) => {
+                        (PbOutcome::Succeeded, Some(output), String::new())
+                    }
                     Outcome::Failed { error, .. } => (PbOutcome::Failed, None, error),
                     Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, error),
                 };
+                log.push(SyncRun {
+                    id: Uuid::new_v4(),
+                    submission_id,
+                    form_id: form,
+                    task_id: task.id,
+                    task_name: task.name.clone(),
+                    is_async: false,
+                    state: if outcome == PbOutcome::Succeeded {
+                        "succeeded"
+                    } else {
+                        "dead"
+                    }
+                    .to_owned(),
+                    attempts: 1,
+                    max_attempts: 1,
+                    last_error: (!error.is_empty()).then(|| error.clone()),
+                    output: output.clone(),
+                    started_at: sync_started,
+                    finished_at: sync_started
+                        + chrono::Duration::from_std(run.duration).unwrap_or_default(),
+                    published_at: None,
+                });
                 TaskResult {
                     task_id: task.id.to_string(),
                     name: task.name.clone(),
                     outcome: outcome.into(),
-                    output,
+                    output: output.map(json_to_value),
                     error,
                     duration_us: run.duration.as_micros() as u64,
                 }
             })
             .collect();
+        self.run_log.record(log);
         tracing::debug!(
-            tasks = sync.len(),
+            sync = sync.len(),
+            enqueued = later.len(),
             elapsed_us = started.elapsed().as_micros() as u64,
             "processed"
         );
-        Ok(Response::new(ProcessResponse {
-            results,
-            enqueued: Vec::new(),
-        }))
+        Ok(Response::new(ProcessResponse { results, enqueued }))
     }
 
+    #[tracing::instrument(name = "get_runs", skip_all, fields(submission.id))]
     async fn get_runs(
         &self,
-        _request: Request<GetRunsRequest>,
+        request: Request<GetRunsRequest>,
     ) -> Result<Response<GetRunsResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetRuns arrives with asynchronous tasks",
-        ))
+        let request = request.into_inner();
+        tracing::Span::current().record("submission.id", request.submission_id.as_str());
+        let submission = parse_uuid("submission_id", &request.submission_id)?;
+        let registry = self.registry.clone();
+        let runs = tokio::task::spawn_blocking(move || registry.runs_for_submission(submission))
+            .await
+            .expect("run query panicked")
+            .map_err(registry_status)?;
+        let runs = runs
+            .into_iter()
+            .map(|run| PbRun {
+                run_id: run.id.to_string(),
+                task_id: run.task_id.to_string(),
+                name: run.task_name.clone(),
+                state: match run.state() {
+                    RunState::Queued => PbRunState::Queued,
+                    RunState::Running => PbRunState::Running,
+                    RunState::Succeeded => PbRunState::Succeeded,
+                    RunState::Retrying => PbRunState::Retrying,
+                    RunState::Dead => PbRunState::Dead,
+                }
+                .into(),
+                attempts: u32::try_from(run.attempts).unwrap_or(0),
+                last_error: run.last_error.unwrap_or_default(),
+                output: run.output.map(json_to_value),
+                is_async: run.is_async,
+            })
+            .collect();
+        Ok(Response::new(GetRunsResponse { runs }))
     }
 }
-
 /// Calls `Process` on the server at `addr` (`http://host:port`) and returns
 /// the response as JSON, with enum values by name; used by `daisy process`.
 pub async fn call_process(

@@ -16,9 +16,12 @@ pub mod catalog;
 pub mod error;
 pub mod executor;
 pub mod grpc;
+pub mod outbox;
 pub mod plugins;
+pub mod queue;
 pub mod registry;
 pub mod server;
+pub mod worker;
 
 use std::path::PathBuf;
 
@@ -37,4 +40,10 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// How many task runs may be in flight at once.
     pub max_concurrent_tasks: usize,
+    /// Where asynchronous runs are queued.
+    pub queue: queue::QueueConfig,
+    /// How long the relay leaves a new run to the accepting proxy's publish.
+    pub outbox_grace: std::time::Duration,
+    /// How often the relay looks for due, unconfirmed runs.
+    pub relay_interval: std::time::Duration,
 }

@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use proxy::{
     Config, DbConfig,
     plugins::{Plugins, validate_name},
-    registry::{NewTask, Registry},
+    queue::{QueueConfig, QueueType},
+    registry::{NewTask, Registry, RunState},
+    worker::WorkerConfig,
 };
 use uuid::Uuid;
 
@@ -25,8 +27,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the PostSubProxy gRPC service.
+    /// Serve the PostSubProxy gRPC service (and relay unpublished runs).
     Serve(ServeArgs),
+    /// Execute asynchronous runs from RabbitMQ.
+    Worker(WorkerArgs),
+    /// Inspect and retry runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
     /// Create or update the database schema.
     Migrate {
         #[command(flatten)]
@@ -84,6 +91,95 @@ impl DbArgs {
 }
 
 #[derive(Args)]
+struct QueueArgs {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    amqp_url: String,
+    /// Exchange the runs are published to.
+    #[arg(long, env = "DAISY_EXCHANGE", default_value = "daisy")]
+    exchange: String,
+    /// Queue the workers consume; `<queue>.dead` gets the dead letters.
+    #[arg(long, env = "DAISY_QUEUE", default_value = "daisy.runs")]
+    queue: String,
+    /// Quorum (delivery limit, replicated) or classic queue.
+    #[arg(long, env = "DAISY_QUEUE_TYPE", value_enum, default_value = "quorum")]
+    queue_type: QueueType,
+    /// Deliveries after which a run that keeps killing workers is dead (quorum only).
+    #[arg(long, env = "DAISY_DELIVERY_LIMIT", default_value_t = 5)]
+    delivery_limit: u32,
+}
+
+impl QueueArgs {
+    fn config(&self) -> QueueConfig {
+        QueueConfig {
+            url: self.amqp_url.clone(),
+            exchange: self.exchange.clone(),
+            queue: self.queue.clone(),
+            queue_type: self.queue_type,
+            delivery_limit: self.delivery_limit,
+            confirm_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    queue: QueueArgs,
+    #[command(flatten)]
+    plugins: PluginsArgs,
+    /// Deliveries held (and runs executed) at once.
+    #[arg(long, env = "DAISY_PREFETCH", default_value_t = 16)]
+    prefetch: u16,
+    /// Delay before the first retry, in milliseconds; doubles per attempt.
+    #[arg(long, env = "DAISY_RETRY_BASE_MS", default_value_t = 1000)]
+    retry_base_ms: u64,
+    /// Longest delay between retries, in milliseconds.
+    #[arg(long, env = "DAISY_RETRY_MAX_MS", default_value_t = 300_000)]
+    retry_max_ms: u64,
+    /// This worker's name in the attempt log (default: host and pid).
+    #[arg(long, env = "DAISY_WORKER_NAME")]
+    name: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// List runs, newest first.
+    List {
+        /// Only runs in this state (queued, running, succeeded, retrying, dead).
+        #[arg(long)]
+        state: Option<RunState>,
+        /// Only this form's runs.
+        #[arg(long)]
+        form: Option<Uuid>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Re-queue a dead run (or every dead one) once its cause is fixed.
+    Retry {
+        /// The run to retry.
+        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        run: Option<Uuid>,
+        /// Retry every dead asynchronous run.
+        #[arg(long)]
+        dead: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Args)]
 struct PluginsArgs {
     /// Directory holding the plugin libraries (lib<module>.so).
     #[arg(long, env = "DAISY_PLUGINS_DIR", default_value = "plugins")]
@@ -105,6 +201,14 @@ struct ServeArgs {
     /// How many task runs may be in flight at once.
     #[arg(long, env = "DAISY_MAX_CONCURRENT_TASKS", default_value_t = 64)]
     max_concurrent_tasks: usize,
+    #[command(flatten)]
+    queue: QueueArgs,
+    /// How long the relay leaves a new run to the accepting proxy, in milliseconds.
+    #[arg(long, env = "DAISY_OUTBOX_GRACE_MS", default_value_t = 5000)]
+    outbox_grace_ms: u64,
+    /// How often the relay looks for unpublished runs, in milliseconds.
+    #[arg(long, env = "DAISY_RELAY_INTERVAL_MS", default_value_t = 500)]
+    relay_interval_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -190,7 +294,7 @@ fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The server logs what it does; one-shot commands only what went wrong.
     let default_filter = match cli.command {
-        Command::Serve(_) => "info,tower=warn,h2=warn",
+        Command::Serve(_) | Command::Worker(_) => "info,tower=warn,h2=warn,amqprs=warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -202,6 +306,24 @@ fn try_main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Worker(args) => {
+            let config = WorkerConfig {
+                db: args.db.config(),
+                queue: args.queue.config(),
+                plugins_dir: args.plugins.plugins_dir,
+                prefetch: args.prefetch,
+                retry_base: Duration::from_millis(args.retry_base_ms),
+                retry_max: Duration::from_millis(args.retry_max_ms),
+                name: args.name.unwrap_or_else(|| {
+                    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                    format!("{}-{}", host.trim(), std::process::id())
+                }),
+            };
+            tokio::runtime::Runtime::new()
+                .context("starting the runtime")?
+                .block_on(proxy::worker::run(config, shutdown_signal()))
+        }
+        Command::Runs(command) => runs(command),
         Command::Migrate { db } => {
             let applied = Registry::new(&db.config())
                 .migrate()
@@ -249,6 +371,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             plugins_dir: args.plugins.plugins_dir,
             max_request_bytes: args.max_request_bytes,
             max_concurrent_tasks: args.max_concurrent_tasks,
+            queue: args.queue.config(),
+            outbox_grace: Duration::from_millis(args.outbox_grace_ms),
+            relay_interval: Duration::from_millis(args.relay_interval_ms),
         };
         proxy::run(listener, config, shutdown_signal()).await
     })
@@ -332,6 +457,57 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                 .context("detaching the task")?;
             anyhow::ensure!(found, "no task with id {id}");
             println!("detached {id}");
+            Ok(())
+        }
+    }
+}
+
+fn runs(command: RunsCommand) -> anyhow::Result<()> {
+    match command {
+        RunsCommand::List {
+            state,
+            form,
+            limit,
+            db,
+        } => {
+            let runs = Registry::new(&db.config())
+                .list_runs(state, form, limit)
+                .context("listing runs")?;
+            println!(
+                "{:<36}  {:<36}  {:<16}  {:<5}  {:<9}  {:>8}  LAST ERROR",
+                "RUN", "SUBMISSION", "TASK", "MODE", "STATE", "ATTEMPTS"
+            );
+            for r in runs {
+                println!(
+                    "{:<36}  {:<36}  {:<16}  {:<5}  {:<9}  {:>8}  {}",
+                    r.id,
+                    r.submission_id,
+                    r.task_name,
+                    if r.is_async { "async" } else { "sync" },
+                    r.state,
+                    format!("{}/{}", r.attempts, r.max_attempts),
+                    r.last_error.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        RunsCommand::Retry { run, dead: _, db } => {
+            let retried = Registry::new(&db.config())
+                .retry_dead(run)
+                .context("re-queueing runs")?;
+            if let Some(run) = run {
+                anyhow::ensure!(
+                    !retried.is_empty(),
+                    "run {run} is not a dead asynchronous run"
+                );
+            }
+            for id in &retried {
+                println!("re-queued {id}");
+            }
+            println!(
+                "{} run(s) re-queued; the relay publishes them within a second",
+                retried.len()
+            );
             Ok(())
         }
     }

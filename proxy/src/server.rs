@@ -11,7 +11,9 @@ use crate::{
     catalog::Catalog,
     executor::Executor,
     grpc::{Service, oversize_to_resource_exhausted},
+    outbox::{Outbox, RunLog},
     plugins::Plugins,
+    queue::Publisher,
     registry::{Change, Registry},
 };
 
@@ -24,7 +26,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let registry = Registry::new(&config.db);
     let plugins = Arc::new(Plugins::new(&config.plugins_dir)?);
-    let catalog = Arc::new(Catalog::start(registry, {
+    let catalog = Arc::new(Catalog::start(registry.clone(), {
         let plugins = plugins.clone();
         move |change| {
             if let Change::Form(form) = change {
@@ -33,8 +35,24 @@ pub async fn run(
         }
     }));
     let executor = Executor::new(plugins, config.max_concurrent_tasks);
-    let service = PostSubProxyServer::new(Service::new(catalog, executor))
-        .max_decoding_message_size(config.max_request_bytes);
+    let publisher = Arc::new(Publisher::new(config.queue.clone()));
+    let outbox = Outbox::new(registry.clone(), publisher);
+    let (run_log, run_log_writer) = RunLog::start(registry.clone(), 100_000);
+    let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
+    let relay = tokio::spawn(
+        outbox
+            .clone()
+            .relay(config.relay_interval, 500, relay_stopped),
+    );
+    let service = PostSubProxyServer::new(Service::new(
+        catalog,
+        executor,
+        registry,
+        outbox,
+        run_log,
+        config.outbox_grace,
+    ))
+    .max_decoding_message_size(config.max_request_bytes);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PostSubProxyServer<Service>>().await;
@@ -62,6 +80,15 @@ pub async fn run(
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    // The service (and its run log sender) is gone: the writer flushes and ends.
+    let _ = stop_relay.send(true);
+    let _ = relay.await;
+    if tokio::time::timeout(std::time::Duration::from_secs(10), run_log_writer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("gave up flushing the run log after 10 s");
+    }
     tracing::info!("daisy stopped");
     Ok(())
 }

@@ -131,7 +131,92 @@ impl Task for PanicOnCreate {
     }
 }
 
+/// Fails retryably until attempt `succeed_on`, then returns `{"attempt": n}`.
+pub struct Flaky {
+    succeed_on: u32,
+}
+
+impl Flaky {
+    /// Config: `{"succeed_on": 3}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        let succeed_on = config["succeed_on"]
+            .as_u64()
+            .ok_or_else(|| TaskError::permanent("config field 'succeed_on' must be a number"))?;
+        Ok(Flaky {
+            succeed_on: u32::try_from(succeed_on).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+impl Task for Flaky {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        if input.attempt >= self.succeed_on {
+            Ok(json!({ "attempt": input.attempt }))
+        } else {
+            Err(TaskError::retryable(format!(
+                "flaky: attempt {} of {} fails",
+                input.attempt, self.succeed_on
+            )))
+        }
+    }
+}
+
+/// Aborts the whole process: a plugin that crashes its host on every run.
+pub struct Abort;
+
+impl Abort {
+    /// Takes no config.
+    pub fn new(_config: Value) -> Result<Self, TaskError> {
+        Ok(Abort)
+    }
+}
+
+impl Task for Abort {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        std::process::abort()
+    }
+}
+
+/// Appends the submission id as one line to the file `path` (after sleeping
+/// `sleep_ms`), so tests can count how often each run really executed.
+pub struct Count {
+    path: std::path::PathBuf,
+    sleep_ms: u64,
+}
+
+impl Count {
+    /// Config: `{"path": "/tmp/x", "sleep_ms": 0}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        let path = config["path"]
+            .as_str()
+            .ok_or_else(|| TaskError::permanent("config field 'path' must be a string"))?;
+        Ok(Count {
+            path: path.into(),
+            sleep_ms: config["sleep_ms"].as_u64().unwrap_or(0),
+        })
+    }
+}
+
+impl Task for Count {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        use std::io::Write;
+        thread::sleep(Duration::from_millis(self.sleep_ms));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| TaskError::retryable(format!("opening {}: {e}", self.path.display())))?;
+        // One write of one short line: atomic with O_APPEND across processes.
+        file.write_all(format!("{}\n", input.submission_id).as_bytes())
+            .map_err(|e| TaskError::retryable(format!("writing {}: {e}", self.path.display())))?;
+        Ok(json!({ "counted": input.submission_id }))
+    }
+}
+
 plugin_api::export_plugin!(
+    "flaky" => Flaky::new,
+    "abort" => Abort::new,
+    "count" => Count::new,
     "fail" => Fail::new,
     "panic" => Panic::new,
     "sleep" => Sleep::new,

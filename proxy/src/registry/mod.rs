@@ -4,7 +4,10 @@
 //! used by the server and the CLI, and the blocking LISTEN loop that reports
 //! changes to a form's tasks (see `migrations/` for the trigger).
 
+mod runs;
 mod schema;
+
+pub use runs::{Accepted, Claimed, DeadLetter, Finish, Run, RunState, SyncRun};
 
 use std::{
     sync::{
@@ -140,7 +143,9 @@ impl Registry {
         }
     }
 
-    fn conn(&self) -> Result<PooledConnection<ConnectionManager<PgConnection>>, RegistryError> {
+    pub(crate) fn conn(
+        &self,
+    ) -> Result<PooledConnection<ConnectionManager<PgConnection>>, RegistryError> {
         self.pool.get().map_err(RegistryError::Unavailable)
     }
 

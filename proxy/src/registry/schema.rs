@@ -1,6 +1,49 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    submissions (id) {
+        id -> Uuid,
+        form_id -> Uuid,
+        payload -> Jsonb,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    task_run_attempts (run_id, attempt, started_at) {
+        run_id -> Uuid,
+        attempt -> Int4,
+        worker -> Text,
+        started_at -> Timestamptz,
+        finished_at -> Timestamptz,
+        outcome -> Text,
+        error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    task_runs (id) {
+        id -> Uuid,
+        submission_id -> Uuid,
+        form_id -> Uuid,
+        task_id -> Uuid,
+        task_name -> Text,
+        is_async -> Bool,
+        state -> Text,
+        attempts -> Int4,
+        max_attempts -> Int4,
+        last_error -> Nullable<Text>,
+        output -> Nullable<Jsonb>,
+        next_attempt_at -> Timestamptz,
+        published_at -> Nullable<Timestamptz>,
+        started_at -> Nullable<Timestamptz>,
+        finished_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     tasks (id) {
         id -> Uuid,
         form_id -> Uuid,
@@ -15,3 +58,7 @@ diesel::table! {
         created_at -> Timestamptz,
     }
 }
+
+diesel::joinable!(task_run_attempts -> task_runs (run_id));
+
+diesel::allow_tables_to_appear_in_same_query!(submissions, task_run_attempts, task_runs, tasks,);

@@ -27,6 +27,7 @@ use proto::v1::{
 };
 use proxy::{
     Config, DbConfig,
+    queue::{QueueConfig, QueueType},
     registry::{NewTask, Registry, TaskDef},
 };
 use serde_json::{Value, json};
@@ -189,24 +190,125 @@ impl PluginsDir {
     }
 }
 
+/// The RabbitMQ tests use (`DAISY_TEST_AMQP_URL`, default the local broker).
+pub fn amqp_url() -> String {
+    std::env::var("DAISY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The broker's address, from [`amqp_url`].
+pub fn amqp_addr() -> SocketAddr {
+    let url = amqp_url();
+    let rest = url.split_once("://").expect("scheme").1;
+    let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    hostport
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("AMQP address is host:port")
+}
+
+/// An exchange and queues of this test's own, deleted when dropped.
+pub struct TestQueue {
+    /// The settings pointing at them (through `url`).
+    pub config: QueueConfig,
+}
+
+impl TestQueue {
+    /// Fresh names on the local broker.
+    pub fn new() -> TestQueue {
+        Self::via(&amqp_url())
+    }
+
+    /// Fresh names, reached through `url` (e.g. a relay).
+    pub fn via(url: &str) -> TestQueue {
+        let id = Uuid::new_v4().simple().to_string();
+        TestQueue {
+            config: QueueConfig {
+                url: url.to_owned(),
+                exchange: format!("daisy.test.{id}"),
+                queue: format!("daisy.test.{id}.runs"),
+                queue_type: QueueType::Quorum,
+                delivery_limit: 3,
+                confirm_timeout: Duration::from_secs(5),
+            },
+        }
+    }
+
+    /// The same names through another URL.
+    pub fn through(&self, url: &str) -> QueueConfig {
+        QueueConfig {
+            url: url.to_owned(),
+            ..self.config.clone()
+        }
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let config = self.config.clone();
+        // Drop may run inside a runtime: delete from a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                use amqprs::{
+                    channel::{ExchangeDeleteArguments, QueueDeleteArguments},
+                    connection::{Connection, OpenConnectionArguments},
+                };
+                let args = OpenConnectionArguments::try_from(amqp_url().as_str()).ok()?;
+                let connection = Connection::open(&args).await.ok()?;
+                let channel = connection.open_channel(None).await.ok()?;
+                for queue in [config.queue.clone(), config.dead_letter_queue()] {
+                    let _ = channel
+                        .queue_delete(QueueDeleteArguments::new(&queue))
+                        .await;
+                }
+                let _ = channel
+                    .exchange_delete(ExchangeDeleteArguments::new(&config.exchange))
+                    .await;
+                let _ = channel.close().await;
+                let _ = connection.close().await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// Server settings for tests: small limits, a short outbox grace.
+pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config {
+    Config {
+        db: db_config(db_url),
+        plugins_dir: plugins.to_owned(),
+        max_request_bytes: 64 * 1024,
+        max_concurrent_tasks: 16,
+        queue,
+        outbox_grace: Duration::from_millis(1500),
+        relay_interval: Duration::from_millis(200),
+    }
+}
+
 /// The real server, on a free loopback port, stopped when dropped.
 pub struct TestServer {
     /// Its address.
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
+    queue: Option<TestQueue>,
 }
 
 impl TestServer {
-    /// Starts `daisy serve` in-process against `db_url` and `plugins`.
+    /// Starts `daisy serve` in-process against `db_url` and `plugins`, with
+    /// a queue of its own that nobody consumes.
     pub async fn start(db_url: &str, plugins: &Path) -> TestServer {
-        Self::start_with(Config {
-            db: db_config(db_url),
-            plugins_dir: plugins.to_owned(),
-            max_request_bytes: 64 * 1024,
-            max_concurrent_tasks: 16,
-        })
-        .await
+        let queue = TestQueue::new();
+        let mut server =
+            Self::start_with(server_config(db_url, plugins, queue.config.clone())).await;
+        server.queue = Some(queue);
+        server
     }
 
     /// Starts the server with `config`.
@@ -221,6 +323,7 @@ impl TestServer {
             addr,
             shutdown: Some(tx),
             handle: Some(handle),
+            queue: None,
         }
     }
 
@@ -392,4 +495,131 @@ pub fn postgres_addr() -> SocketAddr {
     };
     let hostport = hostport.replace("localhost", "127.0.0.1");
     hostport.parse().expect("PostgreSQL address is host:port")
+}
+
+/// A `daisy` process (serve or worker), killed with SIGKILL when dropped.
+pub struct Daisy {
+    child: std::process::Child,
+    /// For `serve`: where it listens.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Daisy {
+    fn command(db_url: &str, plugins: &Path, queue: &QueueConfig) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_daisy"));
+        command
+            .env("DATABASE_URL", db_url)
+            .env("DAISY_PLUGINS_DIR", plugins)
+            .env("AMQP_URL", &queue.url)
+            .env("DAISY_EXCHANGE", &queue.exchange)
+            .env("DAISY_QUEUE", &queue.queue)
+            .env("DAISY_DELIVERY_LIMIT", queue.delivery_limit.to_string())
+            .env("DAISY_DB_TIMEOUT_MS", "500")
+            .env(
+                "RUST_LOG",
+                std::env::var("DAISY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(std::process::Stdio::null());
+        command
+    }
+
+    /// Starts `daisy serve` on a free port.
+    pub fn serve(db_url: &str, plugins: &Path, queue: &QueueConfig) -> Daisy {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let child = Self::command(db_url, plugins, queue)
+            .args([
+                "serve",
+                "--addr",
+                &port.to_string(),
+                "--outbox-grace-ms",
+                "1000",
+                "--relay-interval-ms",
+                "200",
+            ])
+            .spawn()
+            .expect("starting daisy serve");
+        Daisy {
+            child,
+            addr: Some(port),
+        }
+    }
+
+    /// Starts `daisy worker` with fast retries.
+    pub fn worker(db_url: &str, plugins: &Path, queue: &QueueConfig, extra: &[&str]) -> Daisy {
+        let child = Self::command(db_url, plugins, queue)
+            .args(["worker", "--retry-base-ms", "200", "--retry-max-ms", "2000"])
+            .args(extra)
+            .spawn()
+            .expect("starting daisy worker");
+        Daisy { child, addr: None }
+    }
+
+    /// A client of `serve`, once it accepts connections.
+    pub async fn client(&self) -> PostSubProxyClient<Channel> {
+        let addr = self.addr.expect("a serve process");
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+                .expect("URI")
+                .connect()
+                .await
+            {
+                return PostSubProxyClient::new(channel);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "daisy serve did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether it has exited (and so can be restarted).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daisy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `GetRuns` until `done` holds for the runs, or panics after `limit`.
+pub async fn wait_for_runs(
+    client: &mut PostSubProxyClient<Channel>,
+    submission_id: &str,
+    limit: Duration,
+    done: impl Fn(&[proto::v1::Run]) -> bool,
+) -> Vec<proto::v1::Run> {
+    let started = std::time::Instant::now();
+    loop {
+        let runs = client
+            .get_runs(proto::v1::GetRunsRequest {
+                submission_id: submission_id.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().runs);
+        if let Ok(runs) = &runs {
+            if done(runs) {
+                return runs.clone();
+            }
+        }
+        assert!(started.elapsed() < limit, "runs never got there: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,0 +1,151 @@
+//! The proxy's side of "nothing lost": publishing accepted runs, the relay
+//! that publishes whatever was not confirmed, and the run log writer.
+//!
+//! PostgreSQL is the source of truth. `Process` commits its runs first
+//! ([`crate::registry::Registry::accept`]), answers, and publishes them in the
+//! background ([`Outbox::publish_soon`]). Whatever is not confirmed by then
+//! (a crash between commit and publish, a broker outage, a retry whose time
+//! has come) is published by the relay, which locks due rows with
+//! `FOR UPDATE SKIP LOCKED` so any number of proxies can run it side by side.
+//! A run published twice is harmless: workers claim runs conditionally.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::{
+    queue::{Backoff, Publisher},
+    registry::{Registry, SyncRun},
+};
+
+/// Publishes runs and records what the broker confirmed.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    registry: Registry,
+    publisher: Arc<Publisher>,
+}
+
+impl Outbox {
+    /// An outbox over `registry` publishing through `publisher`.
+    pub fn new(registry: Registry, publisher: Arc<Publisher>) -> Outbox {
+        Outbox {
+            registry,
+            publisher,
+        }
+    }
+
+    /// Publishes freshly accepted runs in the background; the relay covers
+    /// any that are not confirmed.
+    pub fn publish_soon(&self, runs: Vec<Uuid>) {
+        let outbox = self.clone();
+        tokio::spawn(async move {
+            let confirmed = outbox.publisher.publish(&runs).await;
+            if confirmed.is_empty() {
+                return;
+            }
+            let registry = outbox.registry.clone();
+            let stored =
+                tokio::task::spawn_blocking(move || registry.mark_published(&confirmed)).await;
+            if let Ok(Err(err)) = stored {
+                // Harmless: the relay publishes them again after the grace period.
+                tracing::warn!(error = %err, "recording published runs failed");
+            }
+        });
+    }
+
+    /// Publishes due, unconfirmed runs every `interval` until `shutdown`.
+    pub async fn relay(self, interval: Duration, batch: i64, mut shutdown: watch::Receiver<bool>) {
+        let mut failing = false;
+        while !*shutdown.borrow() {
+            let (registry, publisher) = (self.registry.clone(), self.publisher.clone());
+            let runtime = tokio::runtime::Handle::current();
+            let pass = tokio::task::spawn_blocking(move || {
+                registry.relay_batch(batch, |due| runtime.block_on(publisher.publish(due)))
+            })
+            .await;
+            let full = match pass {
+                Ok(Ok(published)) => {
+                    if published > 0 {
+                        tracing::info!(published, "relay published runs");
+                    }
+                    failing = false;
+                    published as i64 >= batch
+                }
+                Ok(Err(err)) => {
+                    if !failing {
+                        tracing::warn!(error = %err, "relay cannot reach the database; retrying");
+                    }
+                    failing = true;
+                    false
+                }
+                Err(join) => {
+                    tracing::error!(error = %join, "relay pass panicked");
+                    false
+                }
+            };
+            if !full {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Records finished synchronous runs behind the response, in batches.
+#[derive(Debug, Clone)]
+pub struct RunLog {
+    tx: mpsc::Sender<SyncRun>,
+}
+
+impl RunLog {
+    /// Starts the writer; it holds up to `capacity` records while the
+    /// database is away and stops once every `RunLog` is dropped and the
+    /// backlog is written.
+    pub fn start(registry: Registry, capacity: usize) -> (RunLog, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (RunLog { tx }, tokio::spawn(write(registry, rx)))
+    }
+
+    /// Queues records without waiting; when the backlog is full (the
+    /// database has been away for long) they are dropped and logged.
+    pub fn record(&self, runs: Vec<SyncRun>) {
+        for run in runs {
+            if let Err(mpsc::error::TrySendError::Full(run)) = self.tx.try_send(run) {
+                tracing::error!(run.id = %run.id, task.name = %run.task_name, "run log backlog full; a synchronous run goes unrecorded");
+            }
+        }
+    }
+}
+
+async fn write(registry: Registry, mut rx: mpsc::Receiver<SyncRun>) {
+    let mut batch = Vec::with_capacity(1000);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    // Whatever piled up during the previous write goes in the next one.
+    while rx.recv_many(&mut batch, 1000).await > 0 {
+        loop {
+            let (registry, runs) = (registry.clone(), std::mem::take(&mut batch));
+            match tokio::task::spawn_blocking(move || {
+                registry.record_sync_runs(&runs).map_err(|e| (e, runs))
+            })
+            .await
+            {
+                Ok(Ok(())) => {
+                    backoff.reset();
+                    break;
+                }
+                Ok(Err((err, runs))) => {
+                    tracing::warn!(error = %err, pending = runs.len(), "writing the run log failed; retrying");
+                    batch = runs;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(join) => {
+                    tracing::error!(error = %join, "run log writer panicked; batch lost");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! The run log and outbox: `submissions`, `task_runs`, `task_run_attempts`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::{
+    Registry, TaskDef,
+    schema::{submissions, task_run_attempts, task_runs},
+};
+use crate::error::RegistryError;
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker is running it.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Failed retryably; runs again at `next_attempt_at`.
+    Retrying,
+    /// Failed for good (permanent error, attempts or deliveries exhausted).
+    Dead,
+}
+
+impl RunState {
+    /// The value stored in `task_runs.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Retrying => "retrying",
+            RunState::Dead => "dead",
+        }
+    }
+}
+
+impl std::str::FromStr for RunState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "queued" => RunState::Queued,
+            "running" => RunState::Running,
+            "succeeded" => RunState::Succeeded,
+            "retrying" => RunState::Retrying,
+            "dead" => RunState::Dead,
+            other => {
+                return Err(format!(
+                    "unknown run state '{other}' (queued, running, succeeded, retrying, dead)"
+                ));
+            }
+        })
+    }
+}
+
+/// A row of `task_runs`.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = task_runs, check_for_backend(diesel::pg::Pg))]
+pub struct Run {
+    /// The run's id.
+    pub id: Uuid,
+    /// The submission it runs on.
+    pub submission_id: Uuid,
+    /// The submission's form.
+    pub form_id: Uuid,
+    /// The task it runs.
+    pub task_id: Uuid,
+    /// The task's name when the run was created.
+    pub task_name: String,
+    /// Asynchronous (worker) or synchronous (inside `Process`).
+    pub is_async: bool,
+    /// See [`RunState`]; stored as text.
+    pub state: String,
+    /// Executions started so far.
+    pub attempts: i32,
+    /// Executions allowed.
+    pub max_attempts: i32,
+    /// Why the last execution failed.
+    pub last_error: Option<String>,
+    /// What the task returned.
+    pub output: Option<serde_json::Value>,
+    /// When it may next be published.
+    pub next_attempt_at: DateTime<Utc>,
+    /// When the broker confirmed it for the current attempt.
+    pub published_at: Option<DateTime<Utc>>,
+    /// When the last execution started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished (succeeded or dead).
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Run {
+    /// The parsed state.
+    pub fn state(&self) -> RunState {
+        self.state.parse().unwrap_or(RunState::Dead)
+    }
+}
+
+/// A run created (or found, on a replay) by [`Registry::accept`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The run's id.
+    pub run_id: Uuid,
+    /// Its task.
+    pub task_id: Uuid,
+    /// Whether it still needs publishing.
+    pub unpublished: bool,
+}
+
+/// A finished synchronous run, for the log.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = task_runs)]
+pub struct SyncRun {
+    /// A new run id.
+    pub id: Uuid,
+    /// The submission.
+    pub submission_id: Uuid,
+    /// Its form.
+    pub form_id: Uuid,
+    /// The task.
+    pub task_id: Uuid,
+    /// The task's name.
+    pub task_name: String,
+    /// Always false.
+    pub is_async: bool,
+    /// `succeeded` or `dead`.
+    pub state: String,
+    /// Always 1.
+    pub attempts: i32,
+    /// Always 1.
+    pub max_attempts: i32,
+    /// Why it failed.
+    pub last_error: Option<String>,
+    /// What it returned.
+    pub output: Option<serde_json::Value>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: DateTime<Utc>,
+    /// Never published.
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// A run claimed by a worker: everything needed to execute it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its task.
+    pub task_id: Uuid,
+    /// Its form.
+    pub form_id: Uuid,
+    /// Its submission.
+    pub submission_id: Uuid,
+    /// The submission's payload.
+    pub payload: serde_json::Value,
+    /// This execution's number, from 1.
+    pub attempt: i32,
+    /// Executions allowed.
+    pub max_attempts: i32,
+    /// When this execution started.
+    pub started_at: DateTime<Utc>,
+}
+
+/// One execution of a run: (attempt, started, finished, outcome).
+pub type Attempt = (i32, DateTime<Utc>, DateTime<Utc>, String);
+
+/// How an execution ended, as the worker stores it.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    /// Done, with this output.
+    Succeeded(serde_json::Value),
+    /// Run again after `after`.
+    Retry {
+        /// Why it failed.
+        error: String,
+        /// The backoff.
+        after: Duration,
+    },
+    /// Give up.
+    Dead {
+        /// Why.
+        error: String,
+    },
+}
+
+const PENDING: [&str; 2] = ["queued", "retrying"];
+
+/// What [`Registry::dead_lettered`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetter {
+    /// The run was executing: now dead.
+    MarkedDead,
+    /// The run never started: the relay publishes it again.
+    Republish,
+    /// The run had already finished.
+    Ignored,
+}
+
+impl Registry {
+    /// Stores the submission and one queued run per asynchronous task in one
+    /// transaction; on a replay of the same submission, creates nothing and
+    /// returns the existing runs. New runs become due for the relay after
+    /// `grace`, in which the accepting proxy publishes them itself.
+    pub fn accept(
+        &self,
+        form: Uuid,
+        submission: Uuid,
+        payload: &serde_json::Value,
+        tasks: &[&TaskDef],
+        grace: Duration,
+    ) -> Result<Vec<Accepted>, RegistryError> {
+        let mut conn = self.conn()?;
+        let due = Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
+        conn.transaction(|conn| {
+            diesel::insert_into(submissions::table)
+                .values((
+                    submissions::id.eq(submission),
+                    submissions::form_id.eq(form),
+                    submissions::payload.eq(payload),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            let rows: Vec<_> = tasks
+                .iter()
+                .map(|t| {
+                    (
+                        task_runs::id.eq(Uuid::new_v4()),
+                        task_runs::submission_id.eq(submission),
+                        task_runs::form_id.eq(form),
+                        task_runs::task_id.eq(t.id),
+                        task_runs::task_name.eq(&t.name),
+                        task_runs::is_async.eq(true),
+                        task_runs::state.eq("queued"),
+                        task_runs::max_attempts.eq(t.max_attempts),
+                        task_runs::next_attempt_at.eq(due),
+                    )
+                })
+                .collect();
+            diesel::insert_into(task_runs::table)
+                .values(&rows)
+                .on_conflict((task_runs::submission_id, task_runs::task_id))
+                .do_nothing()
+                .execute(conn)?;
+            let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+            let found: Vec<(Uuid, Uuid, Option<DateTime<Utc>>, String)> = task_runs::table
+                .filter(task_runs::submission_id.eq(submission))
+                .filter(task_runs::task_id.eq_any(&ids))
+                .select((
+                    task_runs::id,
+                    task_runs::task_id,
+                    task_runs::published_at,
+                    task_runs::state,
+                ))
+                .load(conn)?;
+            Ok(found
+                .into_iter()
+                .map(|(run_id, task_id, published, state)| Accepted {
+                    run_id,
+                    task_id,
+                    unpublished: published.is_none() && PENDING.contains(&state.as_str()),
+                })
+                .collect())
+        })
+    }
+
+    /// Records that the broker confirmed these runs.
+    pub fn mark_published(&self, runs: &[Uuid]) -> Result<(), RegistryError> {
+        let mut conn = self.conn()?;
+        diesel::update(
+            task_runs::table
+                .filter(task_runs::id.eq_any(runs))
+                .filter(task_runs::published_at.is_null()),
+        )
+        .set(task_runs::published_at.eq(diesel::dsl::now))
+        .execute(&mut conn)?;
+        Ok(())
+    }
+
+    /// One relay pass: locks up to `limit` due, unconfirmed runs (skipping
+    /// rows another relay holds), hands their ids to `publish`, and marks the
+    /// ones it confirmed, all in one transaction. Returns how many it confirmed.
+    pub fn relay_batch(
+        &self,
+        limit: i64,
+        publish: impl FnOnce(&[Uuid]) -> Vec<Uuid>,
+    ) -> Result<usize, RegistryError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|conn| {
+            let due: Vec<Uuid> = task_runs::table
+                .filter(task_runs::published_at.is_null())
+                .filter(task_runs::state.eq_any(PENDING))
+                .filter(task_runs::next_attempt_at.le(diesel::dsl::now))
+                .order(task_runs::next_attempt_at)
+                .limit(limit)
+                .select(task_runs::id)
+                .for_update()
+                .skip_locked()
+                .load(conn)?;
+            if due.is_empty() {
+                return Ok(0);
+            }
+            let confirmed = publish(&due);
+            diesel::update(task_runs::table.filter(task_runs::id.eq_any(&confirmed)))
+                .set(task_runs::published_at.eq(diesel::dsl::now))
+                .execute(conn)?;
+            Ok(confirmed.len())
+        })
+    }
+
+    /// Writes finished synchronous runs; a replayed submission keeps its first record.
+    pub fn record_sync_runs(&self, runs: &[SyncRun]) -> Result<(), RegistryError> {
+        let mut conn = self.conn()?;
+        diesel::insert_into(task_runs::table)
+            .values(runs)
+            .on_conflict((task_runs::submission_id, task_runs::task_id))
+            .do_nothing()
+            .execute(&mut conn)?;
+        Ok(())
+    }
+
+    /// Claims a run for execution: only a queued or retrying run, or a
+    /// running one whose message RabbitMQ redelivered (its worker died).
+    /// `None` means another delivery already handled it.
+    pub fn claim(&self, run: Uuid, redelivered: bool) -> Result<Option<Claimed>, RegistryError> {
+        let mut conn = self.conn()?;
+        let claimable = task_runs::state
+            .eq_any(PENDING)
+            .or(task_runs::state
+                .eq("running")
+                .and(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                    if redelivered { "true" } else { "false" },
+                )));
+        type ClaimedRow = (Uuid, Uuid, Uuid, i32, i32, Option<DateTime<Utc>>);
+        let claimed: Option<ClaimedRow> =
+            diesel::update(task_runs::table.find(run).filter(claimable))
+                .set((
+                    task_runs::state.eq("running"),
+                    task_runs::attempts.eq(task_runs::attempts + 1),
+                    task_runs::started_at.eq(diesel::dsl::now),
+                    task_runs::updated_at.eq(diesel::dsl::now),
+                ))
+                .returning((
+                    task_runs::task_id,
+                    task_runs::form_id,
+                    task_runs::submission_id,
+                    task_runs::attempts,
+                    task_runs::max_attempts,
+                    task_runs::started_at,
+                ))
+                .get_result(&mut conn)
+                .optional()?;
+        let Some((task_id, form_id, submission_id, attempt, max_attempts, started_at)) = claimed
+        else {
+            return Ok(None);
+        };
+        let payload = submissions::table
+            .find(submission_id)
+            .select(submissions::payload)
+            .first(&mut conn)?;
+        Ok(Some(Claimed {
+            run_id: run,
+            task_id,
+            form_id,
+            submission_id,
+            payload,
+            attempt,
+            max_attempts,
+            started_at: started_at.unwrap_or_else(Utc::now),
+        }))
+    }
+
+    /// Stores how execution `claimed.attempt` ended, if the run is still
+    /// this execution's (a redelivery may have taken it over), and logs the attempt.
+    pub fn finish(
+        &self,
+        claimed: &Claimed,
+        worker: &str,
+        finish: &Finish,
+    ) -> Result<(), RegistryError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|conn| {
+            let mine = task_runs::table
+                .find(claimed.run_id)
+                .filter(task_runs::state.eq("running"))
+                .filter(task_runs::attempts.eq(claimed.attempt));
+            let (outcome, error) = match finish {
+                Finish::Succeeded(output) => {
+                    diesel::update(mine)
+                        .set((
+                            task_runs::state.eq("succeeded"),
+                            task_runs::output.eq(output),
+                            task_runs::last_error.eq(None::<String>),
+                            task_runs::finished_at.eq(diesel::dsl::now),
+                            task_runs::updated_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(conn)?;
+                    ("succeeded", None)
+                }
+                Finish::Retry { error, after } => {
+                    let at = Utc::now() + chrono::Duration::from_std(*after).unwrap_or_default();
+                    diesel::update(mine)
+                        .set((
+                            task_runs::state.eq("retrying"),
+                            task_runs::last_error.eq(error),
+                            task_runs::next_attempt_at.eq(at),
+                            task_runs::published_at.eq(None::<DateTime<Utc>>),
+                            task_runs::updated_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(conn)?;
+                    ("retrying", Some(error))
+                }
+                Finish::Dead { error } => {
+                    diesel::update(mine)
+                        .set((
+                            task_runs::state.eq("dead"),
+                            task_runs::last_error.eq(error),
+                            task_runs::finished_at.eq(diesel::dsl::now),
+                            task_runs::updated_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(conn)?;
+                    ("dead", Some(error))
+                }
+            };
+            diesel::insert_into(task_run_attempts::table)
+                .values((
+                    task_run_attempts::run_id.eq(claimed.run_id),
+                    task_run_attempts::attempt.eq(claimed.attempt),
+                    task_run_attempts::worker.eq(worker),
+                    task_run_attempts::started_at.eq(claimed.started_at),
+                    task_run_attempts::finished_at.eq(diesel::dsl::now),
+                    task_run_attempts::outcome.eq(outcome),
+                    task_run_attempts::error.eq(error),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            Ok(())
+        })
+    }
+
+    /// Handles a dead-lettered message (the queue's delivery limit was
+    /// reached). A run a worker was executing is the one that kept killing
+    /// workers: it is marked dead with `reason`. A run that never started was
+    /// only prefetched by dying workers: it is handed back to the relay.
+    /// Finished runs are left alone.
+    pub fn dead_lettered(&self, run: Uuid, reason: &str) -> Result<DeadLetter, RegistryError> {
+        let mut conn = self.conn()?;
+        let killed = diesel::update(
+            task_runs::table
+                .find(run)
+                .filter(task_runs::state.eq("running")),
+        )
+        .set((
+            task_runs::state.eq("dead"),
+            task_runs::last_error.eq(reason),
+            task_runs::finished_at.eq(diesel::dsl::now),
+            task_runs::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(&mut conn)?;
+        if killed > 0 {
+            return Ok(DeadLetter::MarkedDead);
+        }
+        let requeued = diesel::update(
+            task_runs::table
+                .find(run)
+                .filter(task_runs::state.eq_any(PENDING)),
+        )
+        .set((
+            task_runs::published_at.eq(None::<DateTime<Utc>>),
+            task_runs::next_attempt_at.eq(diesel::dsl::now),
+            task_runs::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(&mut conn)?;
+        Ok(if requeued > 0 {
+            DeadLetter::Republish
+        } else {
+            DeadLetter::Ignored
+        })
+    }
+
+    /// Every run of a submission, in creation order.
+    pub fn runs_for_submission(&self, submission: Uuid) -> Result<Vec<Run>, RegistryError> {
+        let mut conn = self.conn()?;
+        Ok(task_runs::table
+            .filter(task_runs::submission_id.eq(submission))
+            .order((task_runs::created_at, task_runs::id))
+            .select(Run::as_select())
+            .load(&mut conn)?)
+    }
+
+    /// Runs, newest first, filtered by state and form.
+    pub fn list_runs(
+        &self,
+        state: Option<RunState>,
+        form: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Run>, RegistryError> {
+        let mut conn = self.conn()?;
+        let mut query = task_runs::table
+            .order((task_runs::created_at.desc(), task_runs::id))
+            .limit(limit)
+            .select(Run::as_select())
+            .into_boxed();
+        if let Some(state) = state {
+            query = query.filter(task_runs::state.eq(state.as_str()));
+        }
+        if let Some(form) = form {
+            query = query.filter(task_runs::form_id.eq(form));
+        }
+        Ok(query.load(&mut conn)?)
+    }
+
+    /// Re-queues dead asynchronous runs (one, or all) with a fresh set of
+    /// attempts; returns the ids re-queued.
+    pub fn retry_dead(&self, run: Option<Uuid>) -> Result<Vec<Uuid>, RegistryError> {
+        let mut conn = self.conn()?;
+        let mut target = task_runs::table
+            .filter(task_runs::state.eq("dead"))
+            .filter(task_runs::is_async.eq(true))
+            .into_boxed();
+        if let Some(run) = run {
+            target = target.filter(task_runs::id.eq(run));
+        }
+        let ids: Vec<Uuid> = target.select(task_runs::id).load(&mut conn)?;
+        diesel::update(task_runs::table.filter(task_runs::id.eq_any(&ids)))
+            .set((
+                task_runs::state.eq("queued"),
+                task_runs::attempts.eq(0),
+                task_runs::next_attempt_at.eq(diesel::dsl::now),
+                task_runs::published_at.eq(None::<DateTime<Utc>>),
+                task_runs::finished_at.eq(None::<DateTime<Utc>>),
+                task_runs::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(&mut conn)?;
+        Ok(ids)
+    }
+
+    /// The executions of a run, in order.
+    pub fn attempts(&self, run: Uuid) -> Result<Vec<Attempt>, RegistryError> {
+        let mut conn = self.conn()?;
+        Ok(task_run_attempts::table
+            .filter(task_run_attempts::run_id.eq(run))
+            .order((task_run_attempts::started_at, task_run_attempts::attempt))
+            .select((
+                task_run_attempts::attempt,
+                task_run_attempts::started_at,
+                task_run_attempts::finished_at,
+                task_run_attempts::outcome,
+            ))
+            .load(&mut conn)?)
+    }
+}

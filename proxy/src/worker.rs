@@ -1,0 +1,298 @@
+//! `daisy worker`: executes asynchronous runs from RabbitMQ.
+//!
+//! For each delivery: claim the run in PostgreSQL with a conditional update
+//! (no row means another delivery already handled it: ack and skip), run the
+//! task through the same plugin loader and executor as the proxy, store the
+//! outcome, then ack. A crash anywhere before the ack makes RabbitMQ
+//! redeliver, and the claim accepts a redelivered run that was left
+//! `running`, so the run completes on another worker. Database errors are
+//! retried with backoff before the ack, so nothing is lost while PostgreSQL
+//! is away. A second consumer drains the dead-letter queue.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::{
+    catalog::Catalog,
+    error::RegistryError,
+    executor::{Executor, Outcome, Submission},
+    plugins::Plugins,
+    queue::{self, Backoff, Delivery, QueueConfig},
+    registry::{Claimed, DbConfig, DeadLetter, Finish, Registry},
+};
+
+/// Everything `daisy worker` needs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The run log's database.
+    pub db: DbConfig,
+    /// Where runs are queued.
+    pub queue: QueueConfig,
+    /// Where plugin libraries live.
+    pub plugins_dir: std::path::PathBuf,
+    /// Unacknowledged deliveries held at once (and so runs in flight).
+    pub prefetch: u16,
+    /// First retry delay; doubles per attempt (±25% jitter).
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// This worker's name in the attempt log.
+    pub name: String,
+}
+
+struct Context {
+    registry: Registry,
+    catalog: Catalog,
+    executor: Executor,
+    config: WorkerConfig,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Runs the worker until `shutdown` completes, then finishes the runs in
+/// flight and returns.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let registry = Registry::new(&config.db);
+    let plugins = Arc::new(Plugins::new(&config.plugins_dir)?);
+    let catalog = Catalog::start(registry.clone(), {
+        let plugins = plugins.clone();
+        move |change| {
+            if let crate::registry::Change::Form(form) = change {
+                plugins.forget_form(form);
+            }
+        }
+    });
+    let executor = Executor::new(plugins, usize::from(config.prefetch.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let ctx = Arc::new(Context {
+        registry,
+        catalog,
+        executor,
+        config: config.clone(),
+        shutdown: stop_rx.clone(),
+    });
+    tracing::info!(worker = %config.name, queue = %config.queue.queue, "worker started");
+    let dead_letters = tokio::spawn({
+        let ctx = ctx.clone();
+        let stop = stop_rx.clone();
+        let queue = config.queue.dead_letter_queue();
+        async move {
+            queue::consume(&ctx.config.queue.clone(), &queue, 16, stop, move |d| {
+                handle_dead_letter(ctx.clone(), d)
+            })
+            .await
+        }
+    });
+    queue::consume(
+        &config.queue,
+        &config.queue.queue,
+        config.prefetch,
+        stop_rx,
+        {
+            let ctx = ctx.clone();
+            move |d| handle(ctx.clone(), d)
+        },
+    )
+    .await;
+    let _ = dead_letters.await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Retries a registry operation with backoff until it succeeds; `None` if
+/// the worker is shutting down meanwhile.
+async fn with_db<T: Send + 'static>(
+    ctx: &Context,
+    what: &'static str,
+    op: impl Fn(&Registry) -> Result<T, RegistryError> + Send + Sync + 'static,
+) -> Option<T> {
+    let op = Arc::new(op);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let registry = ctx.registry.clone();
+        let op = op.clone();
+        match tokio::task::spawn_blocking(move || op(&registry)).await {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, operation = what, "database operation failed; retrying");
+            }
+            Err(join) => {
+                tracing::error!(error = %join, operation = what, "database operation panicked")
+            }
+        }
+        if *ctx.shutdown.borrow() {
+            return None;
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(err) = delivery.ack().await {
+        // The broker will redeliver; the claim makes that harmless.
+        tracing::warn!(error = %err, "ack failed");
+    }
+}
+
+async fn handle(ctx: Arc<Context>, delivery: Delivery) {
+    let Some(run_id) = delivery.run_id else {
+        tracing::warn!(body = %delivery.body, "dropping a message that is not a run id");
+        ack(&delivery).await;
+        return;
+    };
+    let span =
+        tracing::info_span!("delivery", run.id = %run_id, redelivered = delivery.redelivered);
+    handle_run(ctx, delivery, run_id).instrument(span).await;
+}
+
+async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
+    let redelivered = delivery.redelivered;
+    let Some(claimed) = with_db(&ctx, "claim", move |r| r.claim(run_id, redelivered)).await else {
+        return; // shutting down: the broker redelivers
+    };
+    let Some(claimed) = claimed else {
+        tracing::debug!(run.id = %run_id, "already handled by another delivery");
+        ack(&delivery).await;
+        return;
+    };
+    let finish = execute(&ctx, &claimed).await;
+    let worker = ctx.config.name.clone();
+    let stored = {
+        let (claimed, finish) = (claimed.clone(), finish.clone());
+        with_db(&ctx, "finish", move |r| {
+            r.finish(&claimed, &worker, &finish)
+        })
+        .await
+    };
+    if stored.is_none() {
+        return;
+    }
+    match &finish {
+        Finish::Succeeded(_) => {
+            tracing::info!(run.id = %run_id, attempt = claimed.attempt, "run succeeded")
+        }
+        Finish::Retry { error, after } => {
+            tracing::warn!(run.id = %run_id, attempt = claimed.attempt, error = %error, retry_in_ms = after.as_millis() as u64, "run failed; will retry")
+        }
+        Finish::Dead { error } => {
+            tracing::error!(run.id = %run_id, attempt = claimed.attempt, error = %error, "run is dead")
+        }
+    }
+    ack(&delivery).await;
+}
+
+/// Runs the claimed execution and decides what becomes of the run.
+async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
+    let form = claimed.form_id;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let tasks = loop {
+        match ctx.catalog.tasks(form).await {
+            Ok(tasks) => break tasks,
+            Err(err) => {
+                tracing::warn!(error = %err, "loading the form's tasks failed; retrying");
+                if *ctx.shutdown.borrow() {
+                    return Finish::Retry {
+                        error: "worker shut down before running the task".into(),
+                        after: Duration::ZERO,
+                    };
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    };
+    let Some(task) = tasks.iter().find(|t| t.id == claimed.task_id).cloned() else {
+        return Finish::Dead {
+            error: format!(
+                "task {} is no longer attached to form {form}",
+                claimed.task_id
+            ),
+        };
+    };
+    if !task.enabled {
+        return Finish::Dead {
+            error: format!("task '{}' is disabled", task.name),
+        };
+    }
+    let submission = Submission {
+        form_id: form.to_string(),
+        submission_id: claimed.submission_id.to_string(),
+        json: claimed.payload.to_string().into(),
+    };
+    let attempt = u32::try_from(claimed.attempt).unwrap_or(1);
+    let result = ctx.executor.run(task, submission, attempt).await;
+    let exhausted = claimed.attempt >= claimed.max_attempts;
+    match result.outcome {
+        Outcome::Succeeded(output) => Finish::Succeeded(output),
+        Outcome::Failed {
+            error,
+            retryable: true,
+        }
+        | Outcome::TimedOut(error)
+            if !exhausted =>
+        {
+            Finish::Retry {
+                error,
+                after: retry_delay(&ctx.config, claimed.attempt),
+            }
+        }
+        Outcome::Failed {
+            error,
+            retryable: true,
+        }
+        | Outcome::TimedOut(error) => Finish::Dead {
+            error: format!("gave up after {} attempts: {error}", claimed.attempt),
+        },
+        Outcome::Failed {
+            error,
+            retryable: false,
+        } => Finish::Dead { error },
+    }
+}
+
+/// The delay before attempt `attempt + 1`: base × 2^(attempt−1), capped, ±25%.
+pub fn retry_delay(config: &WorkerConfig, attempt: i32) -> Duration {
+    let exp = u32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(0)
+        .min(20);
+    let delay = config
+        .retry_base
+        .saturating_mul(1 << exp)
+        .min(config.retry_max);
+    queue::jitter(delay)
+}
+
+async fn handle_dead_letter(ctx: Arc<Context>, delivery: Delivery) {
+    let Some(run_id) = delivery.run_id else {
+        ack(&delivery).await;
+        return;
+    };
+    let reason = format!(
+        "delivery limit reached: the worker died {} times while running it (see the worker logs)",
+        ctx.config.queue.delivery_limit
+    );
+    let Some(result) = with_db(&ctx, "dead letter", move |r| {
+        r.dead_lettered(run_id, &reason)
+    })
+    .await
+    else {
+        return;
+    };
+    match result {
+        DeadLetter::MarkedDead => {
+            tracing::error!(run.id = %run_id, "run killed its workers repeatedly; marked dead")
+        }
+        DeadLetter::Republish => {
+            tracing::warn!(run.id = %run_id, "dead-lettered before it ran; handed back to the relay")
+        }
+        DeadLetter::Ignored => {}
+    }
+    ack(&delivery).await;
+}
