@@ -105,7 +105,14 @@ async fn open(config: &QueueConfig, name: &str) -> Result<(Connection, Channel),
     let connect = |e: amqprs::error::Error| QueueError::Connect(e.to_string());
     let mut args = OpenConnectionArguments::try_from(config.url.as_str())
         .map_err(|_| QueueError::Connect("AMQP URL is not valid".into()))?;
-    args.connection_name(name).heartbeat(10);
+    // amqprs keeps the vhost percent-encoded ("%2f" for "/").
+    let vhost = percent_encoding::percent_decode_str(args.get_virtual_host())
+        .decode_utf8()
+        .map_err(|_| QueueError::Connect("AMQP URL's vhost is not UTF-8".into()))?
+        .into_owned();
+    args.virtual_host(&vhost)
+        .connection_name(name)
+        .heartbeat(10);
     let connection = Connection::open(&args).await.map_err(connect)?;
     let channel = connection.open_channel(None).await.map_err(connect)?;
     declare(&channel, config).await.map_err(connect)?;

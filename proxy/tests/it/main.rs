@@ -3,6 +3,7 @@
 
 mod util;
 
+mod asynchronous;
 mod cli;
 mod database;
 mod faults;
