@@ -283,6 +283,56 @@ pub async fn call_process(
     }))
 }
 
+/// Calls `GetRuns` on the server at `addr` and returns the runs as JSON;
+/// with `wait`, polls until no run is queued, running or retrying (or the
+/// wait is over). Used by `daisy runs get`.
+pub async fn call_get_runs(
+    addr: &str,
+    submission_id: &str,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    use proto::v1::post_sub_proxy_client::PostSubProxyClient;
+
+    let mut client = PostSubProxyClient::connect(addr.to_owned())
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        let runs = client
+            .get_runs(GetRunsRequest {
+                submission_id: submission_id.to_owned(),
+            })
+            .await
+            .map_err(|status| {
+                anyhow::anyhow!("GetRuns failed: {:?}: {}", status.code(), status.message())
+            })?
+            .into_inner()
+            .runs;
+        let settled = runs
+            .iter()
+            .all(|r| matches!(r.state(), PbRunState::Succeeded | PbRunState::Dead));
+        if settled || deadline.is_none_or(|d| Instant::now() >= d) {
+            return Ok(serde_json::Value::Array(
+                runs.iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "run_id": r.run_id,
+                            "name": r.name,
+                            "is_async": r.is_async,
+                            "state": r.state().as_str_name(),
+                            "attempts": r.attempts,
+                            "last_error": r.last_error,
+                            "output": r.output.as_ref().map_or(serde_json::Value::Null, value_to_json),
+                        })
+                    })
+                    .collect(),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Converts a protobuf `Struct` to JSON.
 pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
     serde_json::Value::Object(

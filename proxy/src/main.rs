@@ -166,6 +166,17 @@ enum RunsCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Show a submission's runs through a running server's GetRuns.
+    Get {
+        /// The submission's id.
+        submission: Uuid,
+        /// The server's address.
+        #[arg(long, env = "DAISY_SERVER", default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// Wait up to this many seconds for every run to finish.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
     /// Re-queue a dead run (or every dead one) once its cause is fixed.
     Retry {
         /// The run to retry.
@@ -489,6 +500,20 @@ fn runs(command: RunsCommand) -> anyhow::Result<()> {
                     r.last_error.as_deref().unwrap_or("")
                 );
             }
+            Ok(())
+        }
+        RunsCommand::Get {
+            submission,
+            server,
+            wait,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let runs = runtime.block_on(proxy::grpc::call_get_runs(
+                &server,
+                &submission.to_string(),
+                wait.map(Duration::from_secs),
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&runs)?);
             Ok(())
         }
         RunsCommand::Retry { run, dead: _, db } => {
