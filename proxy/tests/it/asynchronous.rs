@@ -599,3 +599,53 @@ async fn ten_thousand_submissions_with_a_worker_killed_once() {
     // Only the runs in flight on the killed worker may have run twice.
     assert!(repeated <= 64, "{repeated} runs executed more than once");
 }
+
+#[tokio::test]
+async fn proxy_and_worker_ride_out_broker_and_database_outages() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    let queue = TestQueue::new();
+    let (pg, mq) = (Relay::start(postgres_addr()).await, Relay::start(amqp_addr()).await);
+    let db_url = with_port(&db.url, pg.addr);
+    let mq_config = queue.through(&amqp_url().replace(&amqp_addr().to_string(), &mq.addr.to_string()));
+    let counter = tempfile::NamedTempFile::new().expect("counter file");
+    let form = Uuid::new_v4();
+    // Slow enough that the database outage hits runs in the middle.
+    db.attach_with(async_task(form, "row", "count", json!({"path": counter.path(), "sleep_ms": 1500}), 5));
+    let proxy = Daisy::serve(&db_url, plugins.path(), &mq_config);
+    let _worker = Daisy::worker(&db_url, plugins.path(), &mq_config, &[]);
+    let mut client = proxy.client().await;
+    let first = request(form, json!({"n": 0}));
+    client.process(first.clone()).await.expect("accepted");
+    wait_for_runs(&mut client, &first.submission_id, Duration::from_secs(30), all_succeeded).await;
+
+    // The broker goes away: Process still accepts.
+    mq.cut();
+    let mut accepted = Vec::new();
+    for n in 1..=5 {
+        let request = request(form, json!({"n": n}));
+        client.process(request.clone()).await.expect("accepted without the broker");
+        accepted.push(request.submission_id);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mq.restore();
+
+    // Then the database goes away while those runs are being executed.
+    wait_for_runs(&mut client, &accepted[0], Duration::from_secs(30), |runs| {
+        runs.first().is_some_and(|r| r.state() == RunState::Running)
+    })
+    .await;
+    pg.cut();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.restore();
+
+    for submission in &accepted {
+        wait_for_runs(&mut client, submission, Duration::from_secs(60), all_succeeded).await;
+    }
+    let after = request(form, json!({"n": 6}));
+    client.process(after.clone()).await.expect("accepted after both outages");
+    wait_for_runs(&mut client, &after.submission_id, Duration::from_secs(30), all_succeeded).await;
+    let lines = std::fs::read_to_string(counter.path()).expect("counter");
+    assert_eq!(lines.lines().count(), 7, "each of the 7 runs executed exactly once:\n{lines}");
+}
