@@ -46,4 +46,7 @@ pub struct Config {
     pub outbox_grace: std::time::Duration,
     /// How often the relay looks for due, unconfirmed runs.
     pub relay_interval: std::time::Duration,
+    /// After how long a published-but-unclaimed or claimed-but-unfinished
+    /// run is handed back to the relay; must exceed the longest task timeout.
+    pub stale_after: std::time::Duration,
 }

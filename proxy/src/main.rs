@@ -220,6 +220,10 @@ struct ServeArgs {
     /// How often the relay looks for unpublished runs, in milliseconds.
     #[arg(long, env = "DAISY_RELAY_INTERVAL_MS", default_value_t = 500)]
     relay_interval_ms: u64,
+    /// Re-queue runs published but never picked up, or claimed but never
+    /// finished, after this many seconds; keep it above the longest task timeout.
+    #[arg(long, env = "DAISY_STALE_AFTER_SECS", default_value_t = 900)]
+    stale_after_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -385,6 +389,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             queue: args.queue.config(),
             outbox_grace: Duration::from_millis(args.outbox_grace_ms),
             relay_interval: Duration::from_millis(args.relay_interval_ms),
+            stale_after: Duration::from_secs(args.stale_after_secs),
         };
         proxy::run(listener, config, shutdown_signal()).await
     })

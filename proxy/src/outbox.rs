@@ -54,10 +54,28 @@ impl Outbox {
         });
     }
 
-    /// Publishes due, unconfirmed runs every `interval` until `shutdown`.
-    pub async fn relay(self, interval: Duration, batch: i64, mut shutdown: watch::Receiver<bool>) {
+    /// Publishes due, unconfirmed runs every `interval` until `shutdown`;
+    /// every `stale / 4` it also re-queues runs quiet for longer than `stale`.
+    pub async fn relay(
+        self,
+        interval: Duration,
+        stale: Duration,
+        batch: i64,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut failing = false;
+        let mut next_sweep = tokio::time::Instant::now() + stale / 4;
         while !*shutdown.borrow() {
+            if tokio::time::Instant::now() >= next_sweep {
+                next_sweep = tokio::time::Instant::now() + stale / 4;
+                let registry = self.registry.clone();
+                match tokio::task::spawn_blocking(move || registry.requeue_stale(stale)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(requeued)) => tracing::warn!(requeued, "re-queued runs that went quiet"),
+                    Ok(Err(err)) => tracing::debug!(error = %err, "stale-run sweep failed"),
+                    Err(join) => tracing::error!(error = %join, "stale-run sweep panicked"),
+                }
+            }
             let (registry, publisher) = (self.registry.clone(), self.publisher.clone());
             let runtime = tokio::runtime::Handle::current();
             let pass = tokio::task::spawn_blocking(move || {

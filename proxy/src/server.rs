@@ -39,11 +39,12 @@ pub async fn run(
     let outbox = Outbox::new(registry.clone(), publisher);
     let (run_log, run_log_writer) = RunLog::start(registry.clone(), 100_000);
     let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
-    let relay = tokio::spawn(
-        outbox
-            .clone()
-            .relay(config.relay_interval, 500, relay_stopped),
-    );
+    let relay = tokio::spawn(outbox.clone().relay(
+        config.relay_interval,
+        config.stale_after,
+        500,
+        relay_stopped,
+    ));
     let service = PostSubProxyServer::new(Service::new(
         catalog,
         executor,

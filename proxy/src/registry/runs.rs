@@ -318,6 +318,42 @@ impl Registry {
         })
     }
 
+    /// Hands back to the relay asynchronous runs that went quiet for longer
+    /// than `stale`: published but never picked up (the message was lost, say
+    /// a purged queue), or claimed by a worker that never reported back.
+    /// `stale` must exceed the longest task timeout. Returns how many.
+    pub fn requeue_stale(&self, stale: Duration) -> Result<usize, RegistryError> {
+        let mut conn = self.conn()?;
+        let cutoff = Utc::now() - chrono::Duration::from_std(stale).unwrap_or_default();
+        let unpicked = diesel::update(
+            task_runs::table
+                .filter(task_runs::is_async.eq(true))
+                .filter(task_runs::state.eq_any(PENDING))
+                .filter(task_runs::published_at.lt(cutoff)),
+        )
+        .set((
+            task_runs::published_at.eq(None::<DateTime<Utc>>),
+            task_runs::next_attempt_at.eq(diesel::dsl::now),
+            task_runs::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(&mut conn)?;
+        let orphaned = diesel::update(
+            task_runs::table
+                .filter(task_runs::is_async.eq(true))
+                .filter(task_runs::state.eq("running"))
+                .filter(task_runs::started_at.lt(cutoff)),
+        )
+        .set((
+            task_runs::state.eq("retrying"),
+            task_runs::last_error.eq("no result from the worker that claimed it; re-queued"),
+            task_runs::published_at.eq(None::<DateTime<Utc>>),
+            task_runs::next_attempt_at.eq(diesel::dsl::now),
+            task_runs::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(&mut conn)?;
+        Ok(unpicked + orphaned)
+    }
+
     /// Writes finished synchronous runs; a replayed submission keeps its first record.
     pub fn record_sync_runs(&self, runs: &[SyncRun]) -> Result<(), RegistryError> {
         let mut conn = self.conn()?;

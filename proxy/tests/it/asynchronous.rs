@@ -606,26 +606,45 @@ async fn proxy_and_worker_ride_out_broker_and_database_outages() {
     let plugins = PluginsDir::new();
     plugins.install("testkit", "testkit");
     let queue = TestQueue::new();
-    let (pg, mq) = (Relay::start(postgres_addr()).await, Relay::start(amqp_addr()).await);
+    let (pg, mq) = (
+        Relay::start(postgres_addr()).await,
+        Relay::start(amqp_addr()).await,
+    );
     let db_url = with_port(&db.url, pg.addr);
-    let mq_config = queue.through(&amqp_url().replace(&amqp_addr().to_string(), &mq.addr.to_string()));
+    let mq_config =
+        queue.through(&amqp_url().replace(&amqp_addr().to_string(), &mq.addr.to_string()));
     let counter = tempfile::NamedTempFile::new().expect("counter file");
     let form = Uuid::new_v4();
     // Slow enough that the database outage hits runs in the middle.
-    db.attach_with(async_task(form, "row", "count", json!({"path": counter.path(), "sleep_ms": 1500}), 5));
+    db.attach_with(async_task(
+        form,
+        "row",
+        "count",
+        json!({"path": counter.path(), "sleep_ms": 1500}),
+        5,
+    ));
     let proxy = Daisy::serve(&db_url, plugins.path(), &mq_config);
     let _worker = Daisy::worker(&db_url, plugins.path(), &mq_config, &[]);
     let mut client = proxy.client().await;
     let first = request(form, json!({"n": 0}));
     client.process(first.clone()).await.expect("accepted");
-    wait_for_runs(&mut client, &first.submission_id, Duration::from_secs(30), all_succeeded).await;
+    wait_for_runs(
+        &mut client,
+        &first.submission_id,
+        Duration::from_secs(30),
+        all_succeeded,
+    )
+    .await;
 
     // The broker goes away: Process still accepts.
     mq.cut();
     let mut accepted = Vec::new();
     for n in 1..=5 {
         let request = request(form, json!({"n": n}));
-        client.process(request.clone()).await.expect("accepted without the broker");
+        client
+            .process(request.clone())
+            .await
+            .expect("accepted without the broker");
         accepted.push(request.submission_id);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -641,11 +660,102 @@ async fn proxy_and_worker_ride_out_broker_and_database_outages() {
     pg.restore();
 
     for submission in &accepted {
-        wait_for_runs(&mut client, submission, Duration::from_secs(60), all_succeeded).await;
+        wait_for_runs(
+            &mut client,
+            submission,
+            Duration::from_secs(60),
+            all_succeeded,
+        )
+        .await;
     }
     let after = request(form, json!({"n": 6}));
-    client.process(after.clone()).await.expect("accepted after both outages");
-    wait_for_runs(&mut client, &after.submission_id, Duration::from_secs(30), all_succeeded).await;
+    client
+        .process(after.clone())
+        .await
+        .expect("accepted after both outages");
+    wait_for_runs(
+        &mut client,
+        &after.submission_id,
+        Duration::from_secs(30),
+        all_succeeded,
+    )
+    .await;
     let lines = std::fs::read_to_string(counter.path()).expect("counter");
-    assert_eq!(lines.lines().count(), 7, "each of the 7 runs executed exactly once:\n{lines}");
+    assert_eq!(
+        lines.lines().count(),
+        7,
+        "each of the 7 runs executed exactly once:\n{lines}"
+    );
+}
+
+#[tokio::test]
+async fn runs_whose_messages_were_lost_are_requeued_after_the_stale_period() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    let queue = TestQueue::new();
+    let form = Uuid::new_v4();
+    db.attach_with(async_task(form, "row", "config", json!({}), 3));
+    let config = proxy::Config {
+        stale_after: Duration::from_secs(2),
+        ..server_config(&db.url, plugins.path(), queue.config.clone())
+    };
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let request = request(form, sample());
+    client.process(request.clone()).await.expect("accepted");
+    // Published and confirmed, then lost: an operator purges the queue.
+    let run: Uuid = wait_for_runs(
+        &mut client,
+        &request.submission_id,
+        Duration::from_secs(10),
+        |runs| runs.len() == 1,
+    )
+    .await[0]
+        .run_id
+        .parse()
+        .expect("uuid");
+    let registry = db.registry();
+    let started = Instant::now();
+    while registry
+        .runs_for_submission(request.submission_id.parse().expect("uuid"))
+        .expect("runs")[0]
+        .published_at
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    purge(&queue.config.queue).await;
+
+    let _worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let runs = wait_for_runs(
+        &mut client,
+        &request.submission_id,
+        Duration::from_secs(30),
+        all_succeeded,
+    )
+    .await;
+    assert_eq!(runs[0].run_id, run.to_string());
+}
+
+async fn purge(queue: &str) {
+    use amqprs::{
+        channel::QueuePurgeArguments,
+        connection::{Connection, OpenConnectionArguments},
+    };
+    let mut args = OpenConnectionArguments::try_from(amqp_url().as_str()).expect("AMQP URL");
+    args.virtual_host("/");
+    let connection = Connection::open(&args).await.expect("connecting");
+    let channel = connection.open_channel(None).await.expect("channel");
+    let purged = channel
+        .queue_purge(QueuePurgeArguments::new(queue))
+        .await
+        .expect("purging");
+    assert_eq!(purged, Some(1), "the run's message was in the queue");
+    let _ = channel.close().await;
+    let _ = connection.close().await;
 }

@@ -288,6 +288,7 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
         queue,
         outbox_grace: Duration::from_millis(1500),
         relay_interval: Duration::from_millis(200),
+        stale_after: Duration::from_secs(900),
     }
 }
 
