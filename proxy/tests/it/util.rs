@@ -518,7 +518,7 @@ impl Daisy {
             .env("DAISY_DB_TIMEOUT_MS", "500")
             .env(
                 "RUST_LOG",
-                std::env::var("DAISY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("DAISY_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdin(std::process::Stdio::null());
         command
