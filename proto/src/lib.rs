@@ -3,9 +3,10 @@
 //! Only the proxy's gRPC module, the client layer and the load generator use
 //! these types; the rest of the workspace speaks plain Rust and JSON.
 
-#![allow(missing_docs, clippy::all)] // generated code
+pub mod json;
 
 /// The `daisy.v1` package: messages, the `PostSubProxy` client and server.
+#[allow(missing_docs, clippy::all)] // generated code
 pub mod v1 {
     tonic::include_proto!("daisy.v1");
 }

@@ -4,8 +4,10 @@
 use std::{sync::Arc, time::Instant};
 
 use chrono::Utc;
+pub use proto::json::{json_to_value, struct_to_json, value_to_json};
 use proto::{
-    prost_types::{self, value::Kind},
+    json::json_to_struct,
+    prost_types,
     v1::{
         Enqueued, GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest,
         ProcessResponse, Run as PbRun, RunState as PbRunState, TaskResult,
@@ -19,8 +21,8 @@ use crate::{
     catalog::Catalog,
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
-    outbox::{Outbox, RunLog},
-    registry::{Registry, RunState, SyncRun},
+    outbox::{Acceptor, Outbox, RunLog},
+    registry::{Acceptance, Registry, RunState, SyncRun},
 };
 
 /// The `PostSubProxy` service.
@@ -29,31 +31,31 @@ pub struct Service {
     catalog: Arc<Catalog>,
     executor: Executor,
     registry: Registry,
+    acceptor: Acceptor,
     outbox: Outbox,
     run_log: RunLog,
-    grace: std::time::Duration,
 }
 
 impl Service {
     /// A service answering from `catalog`, running synchronous tasks on
-    /// `executor`, accepting asynchronous ones into `registry` and
-    /// publishing them through `outbox`; `grace` is how long the relay leaves
-    /// a new run to this service's own publish.
+    /// `executor`, committing asynchronous ones through `acceptor`,
+    /// publishing them through `outbox`, logging synchronous runs to
+    /// `run_log` and reading runs from `registry`.
     pub fn new(
         catalog: Arc<Catalog>,
         executor: Executor,
         registry: Registry,
+        acceptor: Acceptor,
         outbox: Outbox,
         run_log: RunLog,
-        grace: std::time::Duration,
     ) -> Service {
         Service {
             catalog,
             executor,
             registry,
+            acceptor,
             outbox,
             run_log,
-            grace,
         }
     }
 }
@@ -63,9 +65,10 @@ fn parse_uuid(field: &str, value: &str) -> Result<Uuid, Status> {
         .map_err(|_| Status::invalid_argument(format!("{field} is not a UUID: '{value}'")))
 }
 
-fn registry_status(err: RegistryError) -> Status {
+fn registry_status(err: impl std::ops::Deref<Target = RegistryError>) -> Status {
+    let err = &*err;
     // The detail (host, driver message) goes to the log, not to the caller.
-    tracing::error!(error = %err, cause = ?std::error::Error::source(&err).map(|s| s.to_string()), "task registry failed");
+    tracing::error!(error = %err, cause = ?std::error::Error::source(err).map(|s| s.to_string()), "task registry failed");
     match err {
         RegistryError::Unavailable(_) | RegistryError::Connect(_) => {
             Status::unavailable("the task registry (PostgreSQL) is unreachable; retry later")
@@ -92,7 +95,12 @@ impl PostSubProxy for Service {
             .ok_or_else(|| Status::invalid_argument("submission is missing"))?;
 
         let started = Instant::now();
-        let tasks = self.catalog.tasks(form).await.map_err(registry_status)?;
+        let tasks = self
+            .catalog
+            .tasks(form)
+            .await
+            .map_err(Box::new)
+            .map_err(registry_status)?;
         let sync: Vec<_> = tasks.iter().filter(|t| t.enabled && !t.is_async).collect();
         let later: Vec<_> = tasks.iter().filter(|t| t.enabled && t.is_async).collect();
         if sync.is_empty() && later.is_empty() {
@@ -110,14 +118,14 @@ impl PostSubProxy for Service {
             if later.is_empty() {
                 return Ok(Vec::new());
             }
-            let (registry, grace) = (self.registry.clone(), self.grace);
-            let defs: Vec<_> = later.iter().map(|t| (*t).clone()).collect();
-            tokio::task::spawn_blocking(move || {
-                let defs: Vec<_> = defs.iter().collect();
-                registry.accept(form, submission_id, &payload, &defs, grace)
-            })
-            .await
-            .expect("outbox write panicked")
+            self.acceptor
+                .accept(Acceptance {
+                    form,
+                    submission: submission_id,
+                    payload,
+                    tasks: later.iter().map(|t| (*t).clone()).collect(),
+                })
+                .await
         };
         let sync_started = Utc::now();
         let (accepted, runs) = tokio::join!(accept, self.executor.run_all(&sync, &submission, 1));
@@ -209,6 +217,7 @@ impl PostSubProxy for Service {
         let runs = tokio::task::spawn_blocking(move || registry.runs_for_submission(submission))
             .await
             .expect("run query panicked")
+            .map_err(Box::new)
             .map_err(registry_status)?;
         let runs = runs
             .into_iter()
@@ -244,10 +253,7 @@ pub async fn call_process(
     use anyhow::Context;
     use proto::v1::post_sub_proxy_client::PostSubProxyClient;
 
-    let Kind::StructValue(submission) = json_to_value(submission)
-        .kind
-        .expect("json_to_value always sets a kind")
-    else {
+    let Some(submission) = json_to_struct(submission) else {
         anyhow::bail!("the submission must be a JSON object");
     };
     let mut client = PostSubProxyClient::connect(addr.to_owned())
@@ -333,53 +339,6 @@ pub async fn call_get_runs(
     }
 }
 
-/// Converts a protobuf `Struct` to JSON.
-pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
-    serde_json::Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
-}
-
-fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
-    use serde_json::Value as J;
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => J::Null,
-        Some(Kind::BoolValue(b)) => J::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            // Whole numbers stay integers so plugins see 3, not 3.0.
-            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
-                J::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n).map_or(J::Null, J::Number)
-            }
-        }
-        Some(Kind::StringValue(s)) => J::String(s.clone()),
-        Some(Kind::ListValue(l)) => J::Array(l.values.iter().map(value_to_json).collect()),
-        Some(Kind::StructValue(s)) => struct_to_json(s),
-    }
-}
-
-/// Converts JSON to a protobuf `Value`.
-pub fn json_to_value(v: serde_json::Value) -> prost_types::Value {
-    use serde_json::Value as J;
-    let kind = match v {
-        J::Null => Kind::NullValue(0),
-        J::Bool(b) => Kind::BoolValue(b),
-        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        J::String(s) => Kind::StringValue(s),
-        J::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_to_value).collect(),
-        }),
-        J::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
 /// Rewrites tonic's "message too large" (`OUT_OF_RANGE`) into the
 /// `RESOURCE_EXHAUSTED` that Daisy's contract promises for oversized requests.
 pub fn oversize_to_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
@@ -396,23 +355,4 @@ pub fn oversize_to_resource_exhausted<B>(mut response: http::Response<B>) -> htt
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    #[test]
-    fn json_survives_a_round_trip_through_protobuf() {
-        let doc = json!({
-            "name": "Ada", "age": 36, "ratio": 0.5, "ok": true, "none": null,
-            "tags": ["a", 1, {"deep": [false]}],
-        });
-        let Some(Kind::StructValue(s)) = json_to_value(doc.clone()).kind else {
-            panic!("an object becomes a Struct");
-        };
-        assert_eq!(struct_to_json(&s), doc);
-    }
 }

@@ -11,7 +11,7 @@ use crate::{
     catalog::Catalog,
     executor::Executor,
     grpc::{Service, oversize_to_resource_exhausted},
-    outbox::{Outbox, RunLog},
+    outbox::{Acceptor, Outbox, RunLog},
     plugins::Plugins,
     queue::Publisher,
     registry::{Change, Registry},
@@ -45,13 +45,11 @@ pub async fn run(
         500,
         relay_stopped,
     ));
+    // Half the pool writes the outbox; the rest serves lookups and the relay.
+    let writers = (config.db.pool_size as usize / 2).max(1);
+    let acceptor = Acceptor::start(registry.clone(), config.outbox_grace, writers);
     let service = PostSubProxyServer::new(Service::new(
-        catalog,
-        executor,
-        registry,
-        outbox,
-        run_log,
-        config.outbox_grace,
+        catalog, executor, registry, acceptor, outbox, run_log,
     ))
     .max_decoding_message_size(config.max_request_bytes);
 

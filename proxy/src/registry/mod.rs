@@ -7,7 +7,9 @@
 mod runs;
 mod schema;
 
-pub use runs::{Accepted, Claimed, DeadLetter, Finish, Run, RunState, SyncRun};
+pub use runs::{
+    Acceptance, Accepted, Attempt, Claimed, DeadLetter, Finish, Run, RunState, SyncRun,
+};
 
 use std::{
     sync::{

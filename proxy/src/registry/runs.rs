@@ -117,6 +117,19 @@ pub struct Accepted {
     pub unpublished: bool,
 }
 
+/// One submission's asynchronous tasks to accept.
+#[derive(Debug, Clone)]
+pub struct Acceptance {
+    /// The form.
+    pub form: Uuid,
+    /// The submission (the idempotency key).
+    pub submission: Uuid,
+    /// The submission's payload, kept for the workers.
+    pub payload: serde_json::Value,
+    /// The form's enabled asynchronous tasks.
+    pub tasks: Vec<TaskDef>,
+}
+
 /// A finished synchronous run, for the log.
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = task_runs)]
@@ -208,70 +221,93 @@ pub enum DeadLetter {
 }
 
 impl Registry {
-    /// Stores the submission and one queued run per asynchronous task in one
-    /// transaction; on a replay of the same submission, creates nothing and
-    /// returns the existing runs. New runs become due for the relay after
-    /// `grace`, in which the accepting proxy publishes them itself.
+    /// Stores each submission and one queued run per asynchronous task, all
+    /// in one transaction (group commit across concurrent `Process` calls).
+    /// A replayed submission creates nothing and gets its existing runs.
+    /// New runs become due for the relay after `grace`, in which the
+    /// accepting proxy publishes them itself. Returns one list per request.
     pub fn accept(
         &self,
-        form: Uuid,
-        submission: Uuid,
-        payload: &serde_json::Value,
-        tasks: &[&TaskDef],
+        requests: &[Acceptance],
         grace: Duration,
-    ) -> Result<Vec<Accepted>, RegistryError> {
+    ) -> Result<Vec<Vec<Accepted>>, RegistryError> {
         let mut conn = self.conn()?;
         let due = Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
-        conn.transaction(|conn| {
-            diesel::insert_into(submissions::table)
-                .values((
-                    submissions::id.eq(submission),
-                    submissions::form_id.eq(form),
-                    submissions::payload.eq(payload),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)?;
-            let rows: Vec<_> = tasks
-                .iter()
-                .map(|t| {
+        // Rows go in key order so concurrent batches lock in the same order.
+        let mut subs: Vec<&Acceptance> = requests.iter().collect();
+        subs.sort_by_key(|r| r.submission);
+        let mut runs: Vec<_> = requests
+            .iter()
+            .flat_map(|r| r.tasks.iter().map(move |t| (r, t)))
+            .map(|(r, t)| {
+                (
+                    (r.submission, t.id),
                     (
                         task_runs::id.eq(Uuid::new_v4()),
-                        task_runs::submission_id.eq(submission),
-                        task_runs::form_id.eq(form),
+                        task_runs::submission_id.eq(r.submission),
+                        task_runs::form_id.eq(r.form),
                         task_runs::task_id.eq(t.id),
-                        task_runs::task_name.eq(&t.name),
+                        task_runs::task_name.eq(t.name.clone()),
                         task_runs::is_async.eq(true),
                         task_runs::state.eq("queued"),
                         task_runs::max_attempts.eq(t.max_attempts),
                         task_runs::next_attempt_at.eq(due),
-                    )
-                })
-                .collect();
+                    ),
+                )
+            })
+            .collect();
+        runs.sort_by_key(|(key, _)| *key);
+        let runs: Vec<_> = runs.into_iter().map(|(_, row)| row).collect();
+        let submission_rows: Vec<_> = subs
+            .iter()
+            .map(|r| {
+                (
+                    submissions::id.eq(r.submission),
+                    submissions::form_id.eq(r.form),
+                    submissions::payload.eq(&r.payload),
+                )
+            })
+            .collect();
+        let ids: Vec<Uuid> = subs.iter().map(|r| r.submission).collect();
+        type Found = (Uuid, Uuid, Uuid, Option<DateTime<Utc>>, String);
+        let found: Vec<Found> = conn.transaction(|conn| {
+            diesel::insert_into(submissions::table)
+                .values(&submission_rows)
+                .on_conflict_do_nothing()
+                .execute(conn)?;
             diesel::insert_into(task_runs::table)
-                .values(&rows)
+                .values(&runs)
                 .on_conflict((task_runs::submission_id, task_runs::task_id))
                 .do_nothing()
                 .execute(conn)?;
-            let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
-            let found: Vec<(Uuid, Uuid, Option<DateTime<Utc>>, String)> = task_runs::table
-                .filter(task_runs::submission_id.eq(submission))
-                .filter(task_runs::task_id.eq_any(&ids))
+            task_runs::table
+                .filter(task_runs::submission_id.eq_any(&ids))
+                .filter(task_runs::is_async.eq(true))
                 .select((
+                    task_runs::submission_id,
                     task_runs::id,
                     task_runs::task_id,
                     task_runs::published_at,
                     task_runs::state,
                 ))
-                .load(conn)?;
-            Ok(found
-                .into_iter()
-                .map(|(run_id, task_id, published, state)| Accepted {
-                    run_id,
-                    task_id,
-                    unpublished: published.is_none() && PENDING.contains(&state.as_str()),
-                })
-                .collect())
-        })
+                .load(conn)
+        })?;
+        Ok(requests
+            .iter()
+            .map(|r| {
+                found
+                    .iter()
+                    .filter(|(sub, _, task, _, _)| {
+                        *sub == r.submission && r.tasks.iter().any(|t| t.id == *task)
+                    })
+                    .map(|(_, run_id, task_id, published, state)| Accepted {
+                        run_id: *run_id,
+                        task_id: *task_id,
+                        unpublished: published.is_none() && PENDING.contains(&state.as_str()),
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
     /// Records that the broker confirmed these runs.

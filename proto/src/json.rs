@@ -1,0 +1,76 @@
+//! Conversions between protobuf's `Struct`/`Value` and `serde_json::Value`.
+
+use prost_types::{ListValue, Struct, Value, value::Kind};
+use serde_json::Value as Json;
+
+/// A protobuf `Struct` as a JSON object.
+pub fn struct_to_json(s: &Struct) -> Json {
+    Json::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+/// A protobuf `Value` as JSON. Whole numbers become integers, so a plugin
+/// sees `3`, not `3.0`.
+pub fn value_to_json(v: &Value) -> Json {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                Json::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(value_to_json).collect()),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+/// JSON as a protobuf `Value`.
+pub fn json_to_value(v: Json) -> Value {
+    let kind = match v {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Json::String(s) => Kind::StringValue(s),
+        Json::Array(a) => Kind::ListValue(ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        Json::Object(o) => Kind::StructValue(Struct {
+            fields: o.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}
+
+/// A JSON object as a protobuf `Struct`; `None` if `v` is not an object.
+pub fn json_to_struct(v: Json) -> Option<Struct> {
+    match json_to_value(v).kind {
+        Some(Kind::StructValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn json_survives_a_round_trip_through_protobuf() {
+        let doc = json!({
+            "name": "Ada", "age": 36, "ratio": 0.5, "ok": true, "none": null,
+            "tags": ["a", 1, {"deep": [false]}],
+        });
+        let s = json_to_struct(doc.clone()).expect("an object becomes a Struct");
+        assert_eq!(struct_to_json(&s), doc);
+        assert_eq!(json_to_struct(json!([1])), None);
+    }
+}
