@@ -62,7 +62,7 @@ async fn async_task_runs_on_a_worker_and_get_runs_shows_every_run() {
     ));
     let server =
         TestServer::start_with(server_config(&db.url, plugins.path(), queue.config.clone())).await;
-    let _worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let _worker = queue.worker(&db.url, plugins.path(), None, &[]);
     let mut client = server.client().await;
 
     let request = request(form, sample());
@@ -193,7 +193,7 @@ async fn retryable_failures_are_retried_with_backoff_and_dead_runs_can_be_retrie
     ));
     let server =
         TestServer::start_with(server_config(&db.url, plugins.path(), queue.config.clone())).await;
-    let _worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let _worker = queue.worker(&db.url, plugins.path(), None, &[]);
     let mut client = server.client().await;
 
     let request = request(form, sample());
@@ -309,8 +309,7 @@ async fn broker_cut_off_during_process_loses_nothing() {
     plugins.install("testkit", "testkit");
     let queue = TestQueue::new();
     let relay = Relay::start(amqp_addr()).await;
-    let via_relay =
-        queue.through(&amqp_url().replace(&amqp_addr().to_string(), &relay.addr.to_string()));
+    let via_relay = queue.through(relay.addr);
     let form = Uuid::new_v4();
     db.attach_with(async_task(form, "row", "config", json!({"n": 1}), 3));
     let server = TestServer::start_with(server_config(&db.url, plugins.path(), via_relay)).await;
@@ -334,7 +333,7 @@ async fn broker_cut_off_during_process_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     relay.restore();
 
-    let _worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let _worker = queue.worker(&db.url, plugins.path(), None, &[]);
     for submission in &submissions {
         wait_for_runs(
             &mut client,
@@ -353,13 +352,11 @@ async fn proxy_killed_between_commit_and_publish_is_covered_by_the_relay() {
     plugins.install("testkit", "testkit");
     let queue = TestQueue::new();
     let relay = Relay::start(amqp_addr()).await;
-    let via_relay =
-        queue.through(&amqp_url().replace(&amqp_addr().to_string(), &relay.addr.to_string()));
     let form = Uuid::new_v4();
     db.attach_with(async_task(form, "row", "config", json!({}), 3));
     // The broker is unreachable, so the proxy commits but cannot publish.
     relay.cut();
-    let mut proxy = Daisy::serve(&db.url, plugins.path(), &via_relay);
+    let mut proxy = queue.serve(&db.url, plugins.path(), Some(relay.addr));
     let request = request(form, sample());
     let response = proxy
         .client()
@@ -372,8 +369,8 @@ async fn proxy_killed_between_commit_and_publish_is_covered_by_the_relay() {
     proxy.kill();
 
     relay.restore();
-    let proxy = Daisy::serve(&db.url, plugins.path(), &via_relay);
-    let _worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let proxy = queue.serve(&db.url, plugins.path(), Some(relay.addr));
+    let _worker = queue.worker(&db.url, plugins.path(), None, &[]);
     let runs = wait_for_runs(
         &mut proxy.client().await,
         &request.submission_id,
@@ -403,7 +400,7 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
     let server =
         TestServer::start_with(server_config(&db.url, plugins.path(), queue.config.clone())).await;
     let mut client = server.client().await;
-    let mut first = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let mut first = queue.worker(&db.url, plugins.path(), None, &[]);
 
     let request = request(form, sample());
     client.process(request.clone()).await.expect("accepted");
@@ -416,7 +413,7 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
     .await;
     first.kill();
 
-    let _second = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let _second = queue.worker(&db.url, plugins.path(), None, &[]);
     let runs = wait_for_runs(
         &mut client,
         &request.submission_id,
@@ -466,7 +463,7 @@ async fn a_run_that_kills_every_worker_ends_dead_and_others_are_unaffected() {
 
     // A supervisor: restart the worker whenever the poison run kills it.
     let started = Instant::now();
-    let mut worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &["--prefetch", "1"]);
+    let mut worker = queue.worker(&db.url, plugins.path(), None, &["--prefetch", "1"]);
     let mut restarts = 0;
     loop {
         let runs = client
@@ -491,7 +488,7 @@ async fn a_run_that_kills_every_worker_ends_dead_and_others_are_unaffected() {
         );
         if worker.exited() {
             restarts += 1;
-            worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &["--prefetch", "1"]);
+            worker = queue.worker(&db.url, plugins.path(), None, &["--prefetch", "1"]);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -530,8 +527,8 @@ async fn ten_thousand_submissions_with_a_worker_killed_once() {
     let server =
         TestServer::start_with(server_config(&db.url, plugins.path(), queue.config.clone())).await;
     let client = server.client().await;
-    let mut victim = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
-    let _steady = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let mut victim = queue.worker(&db.url, plugins.path(), None, &[]);
+    let _steady = queue.worker(&db.url, plugins.path(), None, &[]);
 
     let started = Instant::now();
     let load = (0..CLIENTS).map(|c| {
@@ -550,7 +547,7 @@ async fn ten_thousand_submissions_with_a_worker_killed_once() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         victim.kill();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        Daisy::worker(&db.url, plugins.path(), &queue.config, &[])
+        queue.worker(&db.url, plugins.path(), None, &[])
     };
     let (calls, _restarted) = tokio::join!(load, killer);
     for call in calls {
@@ -611,8 +608,6 @@ async fn proxy_and_worker_ride_out_broker_and_database_outages() {
         Relay::start(amqp_addr()).await,
     );
     let db_url = with_port(&db.url, pg.addr);
-    let mq_config =
-        queue.through(&amqp_url().replace(&amqp_addr().to_string(), &mq.addr.to_string()));
     let counter = tempfile::NamedTempFile::new().expect("counter file");
     let form = Uuid::new_v4();
     // Slow enough that the database outage hits runs in the middle.
@@ -623,8 +618,8 @@ async fn proxy_and_worker_ride_out_broker_and_database_outages() {
         json!({"path": counter.path(), "sleep_ms": 1500}),
         5,
     ));
-    let proxy = Daisy::serve(&db_url, plugins.path(), &mq_config);
-    let _worker = Daisy::worker(&db_url, plugins.path(), &mq_config, &[]);
+    let proxy = queue.serve(&db_url, plugins.path(), Some(mq.addr));
+    let _worker = queue.worker(&db_url, plugins.path(), Some(mq.addr), &[]);
     let mut client = proxy.client().await;
     let first = request(form, json!({"n": 0}));
     client.process(first.clone()).await.expect("accepted");
@@ -731,7 +726,7 @@ async fn runs_whose_messages_were_lost_are_requeued_after_the_stale_period() {
     }
     purge(&queue.config.queue).await;
 
-    let _worker = Daisy::worker(&db.url, plugins.path(), &queue.config, &[]);
+    let _worker = queue.worker(&db.url, plugins.path(), None, &[]);
     let runs = wait_for_runs(
         &mut client,
         &request.submission_id,

@@ -1,0 +1,308 @@
+//! The layer around a plain axum handler, against a real `daisy serve`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Extension, Json, Router,
+    body::Body,
+    extract::Path,
+    http::{Request, StatusCode},
+    routing::post,
+};
+use http_body_util::BodyExt;
+use post_submission::{
+    DaisyClient, PendingStore, PostSubmission, PostSubmissionLayer, Resend, StoreFuture, Stored,
+};
+use serde_json::{Value, json};
+use test_support::{Daisy, PluginsDir, TestDb, TestQueue, free_port};
+use tower::ServiceExt;
+use uuid::Uuid;
+
+/// The backend's store, in memory: submission id → (stored at, submission).
+#[derive(Clone, Default)]
+struct MemStore(Arc<Mutex<HashMap<Uuid, (Instant, Stored)>>>);
+
+impl MemStore {
+    fn add(&self, stored: Stored) {
+        self.0
+            .lock()
+            .expect("store lock")
+            .insert(stored.submission_id, (Instant::now(), stored));
+    }
+    fn pending_ids(&self) -> Vec<Uuid> {
+        self.0.lock().expect("store lock").keys().copied().collect()
+    }
+}
+
+impl PendingStore for MemStore {
+    fn mark_done(&self, submission_id: Uuid) -> StoreFuture<'_, ()> {
+        self.0.lock().expect("store lock").remove(&submission_id);
+        Box::pin(async { Ok(()) })
+    }
+    fn pending(&self, older_than: Duration, limit: usize) -> StoreFuture<'_, Vec<Stored>> {
+        let due = self
+            .0
+            .lock()
+            .expect("store lock")
+            .values()
+            .filter(|(at, _)| at.elapsed() >= older_than)
+            .take(limit)
+            .map(|(_, s)| s.clone())
+            .collect();
+        Box::pin(async move { Ok(due) })
+    }
+}
+
+/// A plain submit handler: stores the submission (born pending) and answers 201.
+async fn submit(
+    Extension(store): Extension<MemStore>,
+    Path(form_id): Path<Uuid>,
+    Json(body): Json<Value>,
+) -> Result<(StatusCode, Extension<Stored>, Json<Value>), (StatusCode, Json<Value>)> {
+    if body.get("name").is_none() {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"error": "name is required"})),
+        ));
+    }
+    let stored = Stored {
+        form_id,
+        submission_id: Uuid::new_v4(),
+        submission: body,
+    };
+    store.add(stored.clone());
+    Ok((
+        StatusCode::CREATED,
+        Extension(stored.clone()),
+        Json(json!({"id": stored.submission_id})),
+    ))
+}
+
+fn app(daisy: PostSubmission, store: MemStore) -> Router {
+    Router::new()
+        .route(
+            "/forms/{form_id}/submit",
+            post(submit).layer(PostSubmissionLayer::new(daisy)),
+        )
+        .layer(Extension(store))
+}
+
+async fn call(app: &Router, form: Uuid, body: Value) -> (StatusCode, Value) {
+    let request = Request::post(format!("/forms/{form}/submit"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, serde_json::from_slice(&bytes).expect("JSON body"))
+}
+
+/// Daisy's side: a migrated database, plugins, queues, a form with a
+/// synchronous echo and an asynchronous task.
+struct Backend {
+    db: TestDb,
+    plugins: PluginsDir,
+    queue: TestQueue,
+    form: Uuid,
+}
+
+impl Backend {
+    fn new(sync_func: &str, sync_config: Value) -> Backend {
+        let (db, plugins, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
+        plugins.install("testkit", "testkit");
+        let form = Uuid::new_v4();
+        db.execute(&format!(
+            "INSERT INTO tasks (id, form_id, name, module, func, async_status, config) VALUES \
+             (gen_random_uuid(), '{form}', 'check', 'testkit', '{sync_func}', false, '{sync_config}'), \
+             (gen_random_uuid(), '{form}', 'archive', 'testkit', 'config', true, '{{\"archived\": true}}')"
+        ));
+        Backend {
+            db,
+            plugins,
+            queue,
+            form,
+        }
+    }
+
+    fn serve_at(&self, addr: std::net::SocketAddr) -> Daisy {
+        Daisy::serve_at(
+            addr,
+            &self.db.url,
+            self.plugins.path(),
+            &self.queue,
+            &self.queue.url,
+        )
+    }
+
+    fn worker(&self) -> Daisy {
+        Daisy::worker(
+            &self.db.url,
+            self.plugins.path(),
+            &self.queue,
+            &self.queue.url,
+            &[],
+        )
+    }
+}
+
+async fn wait_until_served(addr: std::net::SocketAddr) {
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "daisy serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn results_are_merged_into_the_handlers_json_response() {
+    let backend = Backend::new("echo", json!({}));
+    let addr = free_port();
+    let _daisy = backend.serve_at(addr);
+    let _worker = backend.worker();
+    wait_until_served(addr).await;
+    let store = MemStore::default();
+    let client = DaisyClient::connect_lazy(&format!("http://{addr}"), Duration::from_secs(5))
+        .expect("client");
+    let app = app(PostSubmission::new(client, store.clone()), store.clone());
+
+    let (status, body) = call(&app, backend.form, json!({"name": "Ada"})).await;
+
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(
+        body["id"].is_string(),
+        "the handler's own fields stay: {body}"
+    );
+    let post = &body["post_submission"];
+    assert_eq!(post["status"], "done", "{body}");
+    assert_eq!(post["results"][0]["name"], "check");
+    assert_eq!(post["results"][0]["outcome"], "succeeded");
+    assert_eq!(
+        post["results"][0]["output"],
+        json!({"plugin": "testkit", "submission": {"name": "Ada"}})
+    );
+    assert_eq!(post["enqueued"][0]["name"], "archive");
+    assert!(post["enqueued"][0]["run_id"].is_string());
+    assert!(
+        store.pending_ids().is_empty(),
+        "marked done once Daisy accepted it"
+    );
+}
+
+#[tokio::test]
+async fn error_responses_pass_through_untouched_and_nothing_is_sent() {
+    let store = MemStore::default();
+    // Nothing listens there: a call would come back pending.
+    let client =
+        DaisyClient::connect_lazy(&format!("http://{}", free_port()), Duration::from_secs(1))
+            .expect("client");
+    let app = app(PostSubmission::new(client, store.clone()), store.clone());
+
+    let (status, body) = call(&app, Uuid::new_v4(), json!({"no_name": true})).await;
+
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body, json!({"error": "name is required"}));
+}
+
+#[tokio::test]
+async fn daisy_down_answers_pending_and_the_resender_completes_it_later() {
+    let backend = Backend::new("echo", json!({}));
+    let addr = free_port();
+    let store = MemStore::default();
+    let client = DaisyClient::connect_lazy(&format!("http://{addr}"), Duration::from_millis(500))
+        .expect("client");
+    let daisy = PostSubmission::new(client, store.clone());
+    let app = app(daisy.clone(), store.clone());
+
+    let mut submitted = Vec::new();
+    for i in 0..5 {
+        let (status, body) = call(&app, backend.form, json!({"name": format!("n{i}")})).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(body["post_submission"]["status"], "pending", "{body}");
+        assert!(
+            body["post_submission"]["reason"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty())
+        );
+        submitted.push(body["id"].as_str().expect("id").to_owned());
+    }
+    assert_eq!(store.pending_ids().len(), 5);
+
+    let _daisy = backend.serve_at(addr);
+    let _worker = backend.worker();
+    wait_until_served(addr).await;
+    let resend = Resend {
+        grace: Duration::ZERO,
+        ..Resend::default()
+    };
+    let started = Instant::now();
+    while !store.pending_ids().is_empty() {
+        let _ = daisy.resend_pass(&resend).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still pending: {:?}",
+            store.pending_ids()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client =
+        proto::v1::post_sub_proxy_client::PostSubProxyClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+    for submission in &submitted {
+        test_support::wait_for_runs(&mut client, submission, Duration::from_secs(30), |runs| {
+            runs.iter().filter(|r| r.is_async).count() == 1
+                && runs
+                    .iter()
+                    .all(|r| r.state() == proto::v1::RunState::Succeeded)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn slow_daisy_is_cut_off_at_the_deadline_and_completed_later() {
+    // The synchronous task takes 2 s; the layer waits 300 ms.
+    let backend = Backend::new("sleep", json!({"ms": 2000}));
+    let addr = free_port();
+    let _daisy = backend.serve_at(addr);
+    let _worker = backend.worker();
+    wait_until_served(addr).await;
+    let store = MemStore::default();
+    let deadline = Duration::from_millis(300);
+    let client = DaisyClient::connect_lazy(&format!("http://{addr}"), deadline).expect("client");
+    let daisy = PostSubmission::new(client, store.clone());
+    let app = app(daisy.clone(), store.clone());
+
+    let started = Instant::now();
+    let (status, body) = call(&app, backend.form, json!({"name": "Ada"})).await;
+    let took = started.elapsed();
+
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body["post_submission"]["status"], "pending", "{body}");
+    assert!(
+        took < deadline + Duration::from_millis(500),
+        "answered after {took:?}"
+    );
+    assert_eq!(store.pending_ids().len(), 1);
+
+    let resend = Resend {
+        grace: Duration::ZERO,
+        deadline: Duration::from_secs(10),
+        ..Resend::default()
+    };
+    assert_eq!(daisy.resend_pass(&resend).await, Ok(1));
+    assert!(store.pending_ids().is_empty());
+}
