@@ -25,7 +25,7 @@ migrate: ## create or update the schema of DATABASE_URL
 serve: plugins ## run daisy serve on DAISY_ADDR (default 127.0.0.1:50051)
 	$(CARGO) run -q -p proxy -- serve
 
-demo: ## build, migrate, attach echo to a new form, serve, call Process once, stop
+demo: ## the whole system: Daisy, a worker and the Collect backend, in a guided tour
 	scripts/demo.sh
 
 test: ## run the whole test suite against the real PostgreSQL

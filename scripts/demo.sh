@@ -1,70 +1,122 @@
 #!/usr/bin/env bash
-# The quick-start tour: build, install plugins, migrate, attach `echo` to a new
-# form twice (synchronously, and asynchronously as "archive"), start
-# `daisy serve` and `daisy worker`, call Process once, print the response,
-# follow the asynchronous run to SUCCEEDED through GetRuns, stop.
+# The guided tour of the whole system: Daisy (`daisy serve` + `daisy worker`)
+# behind the demo Collect backend. Creates a form, attaches tasks with the
+# daisy CLI, submits responses with curl, prints the HTTP answers (with the
+# synchronous results inline), follows the asynchronous runs to the end,
+# shows a submission made while Daisy is down being completed later, then
+# stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ADMIN_URL=${DAISY_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/daisy_demo}
+export COLLECT_DATABASE_URL=${COLLECT_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/collect_demo}
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export DAISY_EXCHANGE=${DAISY_EXCHANGE:-daisy.demo} DAISY_QUEUE=${DAISY_QUEUE:-daisy.demo.runs}
-PORT=${DEMO_PORT:-50151}
+DAISY_PORT=${DEMO_DAISY_PORT:-50151}
+COLLECT_PORT=${DEMO_COLLECT_PORT:-18080}
+export DAISY_ADDR=127.0.0.1:$DAISY_PORT DAISY_SERVER=http://127.0.0.1:$DAISY_PORT
+export COLLECT_ADDR=127.0.0.1:$COLLECT_PORT COLLECT_RESEND_GRACE_SECS=1
+export RUST_LOG=${RUST_LOG:-warn}
 DAISY=target/debug/daisy
+COLLECT=target/debug/example-collect
+API=http://127.0.0.1:$COLLECT_PORT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say() { printf '   %s\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
+for tool in psql curl jq; do
+    command -v $tool >/dev/null || { echo "make demo needs $tool (apt-get install ${tool/psql/postgresql-client})" >&2; exit 1; }
+done
 if ! psql "$ADMIN_URL" -qAtc 'select 1' >/dev/null 2>&1; then
     echo "PostgreSQL is not reachable at $ADMIN_URL." >&2
     echo "Start it with: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2
     exit 1
 fi
-
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
     echo "RabbitMQ is not reachable on 127.0.0.1:5672. Start it with: rabbitmq-server -detached" >&2
     exit 1
 fi
 
-step "Build Daisy and install the plugins into plugins/"
-make --no-print-directory build plugins
+PIDS=()
+cleanup() { [ ${#PIDS[@]} -eq 0 ] || { kill -TERM "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null || true; }; }
+trap cleanup EXIT
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+start_daisy() { $DAISY serve & DAISY_PID=$!; PIDS+=($DAISY_PID); wait_port "$DAISY_PORT"; }
 
-step "Create the demo database and migrate it"
-db=${DATABASE_URL##*/}; db=${db%%\?*}
-psql "$ADMIN_URL" -qAtc "select 1 from pg_database where datname = '$db'" | grep -q 1 \
-    || run psql "$ADMIN_URL" -qc "create database $db"
+step "Build Daisy, the Collect backend and the plugins"
+make --no-print-directory build plugins >/dev/null
+say "built target/debug/daisy, target/debug/example-collect; plugins: $(cd plugins && ls *.so | tr '\n' ' ')"
+
+step "Databases: Daisy's registry and run log, and the backend's own"
+for url in "$DATABASE_URL" "$COLLECT_DATABASE_URL"; do
+    db=${url##*/}; db=${db%%\?*}
+    psql "$ADMIN_URL" -qAtc "select 1 from pg_database where datname = '$db'" | grep -q 1 \
+        || run psql "$ADMIN_URL" -qc "create database $db"
+done
 run $DAISY migrate
 
-step "Attach echo to a new form: once synchronous, once asynchronous"
-FORM=$(cat /proc/sys/kernel/random/uuid)
+step "Start daisy serve ($DAISY_ADDR), a daisy worker, and the Collect backend ($COLLECT_ADDR)"
+start_daisy
+$DAISY worker & PIDS+=($!)
+$COLLECT & PIDS+=($!)
+wait_port "$COLLECT_PORT"
+say "the backend's whole integration is one line on its submit route:"
+say "  post(submit).layer(PostSubmissionLayer::new(daisy))"
+
+step "Create a form with the backend's API"
+FORM_JSON='{"title": "Customer feedback", "questions": [
+  {"key": "name", "label": "Your name", "kind": "text", "required": true},
+  {"key": "phone", "label": "Phone", "kind": "text"},
+  {"key": "rating", "label": "Rating (1-5)", "kind": "number", "required": true}]}'
+printf "$ curl -X POST %s/forms -d '%s'\n" "$API" "$(echo "$FORM_JSON" | jq -c .)"
+FORM=$(curl -sf -X POST "$API/forms" -H 'content-type: application/json' -d "$FORM_JSON" | jq -r .id)
+say "form id: $FORM"
+
+step "Attach tasks to it with the daisy CLI (no restart of anything)"
 run $DAISY task attach --form "$FORM" --name echo --module echo --func echo
 run $DAISY task attach --form "$FORM" --name archive --module echo --func echo --async
-run $DAISY plugin list
+run $DAISY task list --form "$FORM"
 
-step "Start daisy serve on 127.0.0.1:$PORT and a daisy worker"
-RUST_LOG=${RUST_LOG:-info} $DAISY serve --addr "127.0.0.1:$PORT" &
-SERVER=$!
-RUST_LOG=${RUST_LOG:-info} $DAISY worker &
-WORKER=$!
-trap 'kill -TERM $SERVER $WORKER 2>/dev/null; wait $SERVER $WORKER 2>/dev/null || true' EXIT
+step "Submit a response: the synchronous results come back inline"
+BODY='{"answers": {"name": "Ada Lovelace", "phone": "+44 20 7946 0000", "rating": 5}, "metadata": {"device": "tablet-7"}}'
+printf "$ curl -X POST %s/forms/%s/submit -d '%s'\n" "$API" "$FORM" "$(echo "$BODY" | jq -c .)"
+RESPONSE=$(curl -s -X POST "$API/forms/$FORM/submit" -H 'content-type: application/json' -d "$BODY")
+echo "$RESPONSE" | jq .
+ID=$(echo "$RESPONSE" | jq -r .id)
+echo "$RESPONSE" | jq -e '.post_submission.status == "done"' >/dev/null
+
+step "Follow the asynchronous run through GetRuns until it finishes"
+echo "\$ $DAISY runs get $ID --wait 30"
+RUNS=$($DAISY runs get "$ID" --wait 30)
+echo "$RUNS" | jq .
+echo "$RUNS" | jq -e 'map(select(.is_async)) | length == 1 and all(.state == "RUN_STATE_SUCCEEDED")' >/dev/null
+
+step "A bad submission is refused by the backend and never reaches Daisy"
+printf "$ curl -X POST %s/forms/%s/submit -d '%s'\n" "$API" "$FORM" '{"answers":{"name":"Bob","rating":"five"}}'
+curl -s -X POST "$API/forms/$FORM/submit" -H 'content-type: application/json' -d '{"answers":{"name":"Bob","rating":"five"}}' | jq .
+
+step "Daisy goes down: the backend still answers, and nothing is missed"
+kill -TERM "$DAISY_PID"; wait "$DAISY_PID" 2>/dev/null || true
+RESPONSE=$(curl -s -X POST "$API/forms/$FORM/submit" -H 'content-type: application/json' \
+    -d '{"answers": {"name": "Grace Hopper", "rating": 4}}')
+echo "$RESPONSE" | jq '{id, post_submission}'
+ID=$(echo "$RESPONSE" | jq -r .id)
+say "stored as: $(curl -s "$API/forms/$FORM/responses/$ID" | jq -r .post_processing)"
+say "Daisy comes back; the backend's resender sends what is pending"
+start_daisy
 for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
+    [ "$(curl -s "$API/forms/$FORM/responses/$ID" | jq -r .post_processing)" = done ] && break
+    sleep 0.2
 done
+say "stored as: $(curl -s "$API/forms/$FORM/responses/$ID" | jq -r .post_processing)"
+echo "\$ $DAISY runs get $ID --wait 30"
+RUNS=$($DAISY runs get "$ID" --wait 30)
+echo "$RUNS" | jq -c '.[] | {name, is_async, state, attempts}'
+echo "$RUNS" | jq -e 'map(select(.is_async)) | length == 1 and all(.state == "RUN_STATE_SUCCEEDED")' >/dev/null
 
-step "Call Process with one submission"
-SUBMISSION=$(cat /proc/sys/kernel/random/uuid)
-run $DAISY process --server "http://127.0.0.1:$PORT" --form "$FORM" --submission-id "$SUBMISSION" \
-    --submission '{"name": "Ada Lovelace", "email": "ada@example.org", "rating": 5}'
-
-step "Follow the submission's runs through GetRuns until they finish"
-run $DAISY runs get "$SUBMISSION" --server "http://127.0.0.1:$PORT" --wait 30 | tee /tmp/daisy-demo-runs.$$
-grep -q '"state": "RUN_STATE_SUCCEEDED"' /tmp/daisy-demo-runs.$$ && ! grep -q '"RUN_STATE_QUEUED"\|"RUN_STATE_RUNNING"\|"RUN_STATE_RETRYING"\|"RUN_STATE_DEAD"' /tmp/daisy-demo-runs.$$
-rm -f /tmp/daisy-demo-runs.$$
-
-step "Stop the server and the worker (SIGTERM: in-flight work finishes first)"
-kill -TERM $SERVER $WORKER
-wait $SERVER $WORKER
-trap - EXIT
+step "Stop everything (SIGTERM: in-flight work finishes first)"
+cleanup
+PIDS=()
 echo "done"

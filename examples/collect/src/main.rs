@@ -61,7 +61,13 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %args.addr, daisy = %args.daisy, "collect backend serving");
     axum::serve(listener, example_collect::app(pool, daisy))
         .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         })
         .await?;
     Ok(())
