@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Checks that the diesel CLI works with the repository's diesel.toml on a
-# fresh database: `migration run`, `migration redo`, and that `print-schema`
-# prints exactly the committed schema. Installs diesel_cli if missing.
+# Checks that the diesel CLI works with each diesel.toml of the repository
+# (Daisy's at the root, the demo backend's in examples/collect) on a fresh
+# database: `migration run`, `migration redo`, and that `print-schema` prints
+# exactly the committed schema. Installs diesel_cli if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ $# -eq 0 ]; then
+    for dir in . examples/collect; do "$0" "$dir"; done
+    exit 0
+fi
+cd "$1"
 
 ADMIN_URL=${DAISY_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 if ! command -v diesel >/dev/null; then
