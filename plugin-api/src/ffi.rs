@@ -45,6 +45,8 @@ pub struct FfiError {
     pub kind: ErrorKind,
     /// What went wrong, for people.
     pub message: RString,
+    /// The earliest useful retry, in milliseconds; 0 when not given.
+    pub retry_after_ms: u64,
 }
 
 /// The input of one run, borrowed from the host for the duration of the call.
@@ -113,6 +115,9 @@ impl From<TaskError> for FfiError {
                 ErrorKind::Permanent
             },
             message: err.message.into(),
+            retry_after_ms: err.retry_after.map_or(0, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+            }),
         }
     }
 }
@@ -136,6 +141,7 @@ fn panic_error(payload: Box<dyn std::any::Any + Send>) -> FfiError {
     FfiError {
         kind: ErrorKind::Panicked,
         message: format!("task panicked{location}: {message}").into(),
+        retry_after_ms: 0,
     }
 }
 

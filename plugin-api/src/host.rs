@@ -233,6 +233,8 @@ impl From<FfiError> for TaskError {
         TaskError {
             message: err.message.into_string(),
             retryable: err.kind == ErrorKind::Retryable,
+            retry_after: (err.retry_after_ms > 0)
+                .then(|| std::time::Duration::from_millis(err.retry_after_ms)),
         }
     }
 }

@@ -46,9 +46,9 @@
 pub mod ffi;
 pub mod host;
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
-pub use serde_json::{Value, json};
+pub use serde_json::{self, Value, json};
 
 /// The version of this interface, compiled into every plugin and into Daisy.
 pub const INTERFACE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -98,6 +98,7 @@ pub trait Task: Send + Sync + 'static {
 pub struct TaskError {
     message: String,
     retryable: bool,
+    retry_after: Option<Duration>,
 }
 
 impl TaskError {
@@ -106,7 +107,20 @@ impl TaskError {
         TaskError {
             message: message.to_string(),
             retryable: true,
+            retry_after: None,
         }
+    }
+
+    /// The earliest time a retry makes sense, e.g. an API's `Retry-After`;
+    /// the worker waits at least this long (or its own backoff, if longer).
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The wait asked for by [`TaskError::with_retry_after`].
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// A failure that will happen again on the same input (bad config, a rule broken).
@@ -114,6 +128,7 @@ impl TaskError {
         TaskError {
             message: message.to_string(),
             retryable: false,
+            retry_after: None,
         }
     }
 

@@ -28,6 +28,8 @@ pub enum Outcome {
         error: String,
         /// Whether a retry may help.
         retryable: bool,
+        /// The plugin's earliest useful retry (an API's Retry-After).
+        retry_after: Option<Duration>,
     },
     /// The task did not finish within its `timeout_ms`.
     TimedOut(String),
@@ -123,6 +125,7 @@ impl Executor {
             Ok(Err(join)) => Outcome::Failed {
                 error: format!("task runner failed: {join}"),
                 retryable: true,
+                retry_after: None,
             },
             Err(_) => Outcome::TimedOut(format!(
                 "task '{name}' timed out after {} ms",
@@ -153,6 +156,7 @@ fn run_blocking(
             return Outcome::Failed {
                 error: err.to_string(),
                 retryable: false,
+                retry_after: None,
             };
         }
     };
@@ -167,6 +171,7 @@ fn run_blocking(
         Err(err) => Outcome::Failed {
             error: err.message().to_owned(),
             retryable: err.is_retryable(),
+            retry_after: err.retry_after(),
         },
     }
 }

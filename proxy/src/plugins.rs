@@ -111,6 +111,8 @@ pub struct Plugins {
     /// Serialises loads so two runs never load the same build twice.
     load_lock: Mutex<()>,
     instances: Mutex<HashMap<Uuid, Instance>>,
+    /// Serialises task creation (see [`Plugins::instance`]).
+    create_lock: Mutex<()>,
     generations: AtomicU64,
 }
 
@@ -132,6 +134,7 @@ impl Plugins {
             libs: Mutex::default(),
             load_lock: Mutex::default(),
             instances: Mutex::default(),
+            create_lock: Mutex::default(),
             generations: AtomicU64::new(1),
         })
     }
@@ -236,13 +239,25 @@ impl Plugins {
     pub fn instance(&self, task: &TaskDef) -> Result<Arc<TaskHandle>, PluginError> {
         validate_name("func", &task.func)?;
         let loaded = self.library(&task.module)?;
-        {
+        let cached = || {
             let instances = self.instances.lock().expect("instance cache poisoned");
-            if let Some(found) = instances.get(&task.id).filter(|i| {
-                i.generation == loaded.generation && i.func == task.func && i.config == task.config
-            }) {
-                return Ok(found.handle.clone());
-            }
+            instances
+                .get(&task.id)
+                .filter(|i| {
+                    i.generation == loaded.generation
+                        && i.func == task.func
+                        && i.config == task.config
+                })
+                .map(|i| i.handle.clone())
+        };
+        if let Some(handle) = cached() {
+            return Ok(handle);
+        }
+        // One creation at a time, so concurrent first runs share one instance
+        // (and its token cache, its connections) instead of each making one.
+        let _creating = self.create_lock.lock().expect("create lock poisoned");
+        if let Some(handle) = cached() {
+            return Ok(handle);
         }
         if !loaded.library.tasks().any(|t| t == task.func) {
             return Err(PluginError::NoSuchTask {

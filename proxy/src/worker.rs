@@ -229,31 +229,28 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
     let attempt = u32::try_from(claimed.attempt).unwrap_or(1);
     let result = ctx.executor.run(task, submission, attempt).await;
     let exhausted = claimed.attempt >= claimed.max_attempts;
-    match result.outcome {
-        Outcome::Succeeded(output) => Finish::Succeeded(output),
+    let (error, retryable, asked) = match result.outcome {
+        Outcome::Succeeded(output) => return Finish::Succeeded(output),
         Outcome::Failed {
             error,
-            retryable: true,
-        }
-        | Outcome::TimedOut(error)
-            if !exhausted =>
-        {
-            Finish::Retry {
-                error,
-                after: retry_delay(&ctx.config, claimed.attempt),
-            }
-        }
-        Outcome::Failed {
-            error,
-            retryable: true,
-        }
-        | Outcome::TimedOut(error) => Finish::Dead {
+            retryable,
+            retry_after,
+        } => (error, retryable, retry_after),
+        Outcome::TimedOut(error) => (error, true, None),
+    };
+    if !retryable {
+        Finish::Dead { error }
+    } else if exhausted {
+        Finish::Dead {
             error: format!("gave up after {} attempts: {error}", claimed.attempt),
-        },
-        Outcome::Failed {
+        }
+    } else {
+        // Our backoff, or longer when the plugin passed on a Retry-After.
+        let backoff = retry_delay(&ctx.config, claimed.attempt);
+        Finish::Retry {
             error,
-            retryable: false,
-        } => Finish::Dead { error },
+            after: asked.map_or(backoff, |asked| asked.max(backoff)),
+        }
     }
 }
 

@@ -373,6 +373,16 @@ impl Daisy {
         queue: &TestQueue,
         amqp_url: &str,
     ) -> std::process::Command {
+        Self::command_with(db_url, plugins, queue, amqp_url, &[])
+    }
+
+    fn command_with(
+        db_url: &str,
+        plugins: &Path,
+        queue: &TestQueue,
+        amqp_url: &str,
+        env: &[(&str, &str)],
+    ) -> std::process::Command {
         let mut command = std::process::Command::new(daisy_bin());
         command
             .env("DATABASE_URL", db_url)
@@ -386,6 +396,7 @@ impl Daisy {
                 "RUST_LOG",
                 std::env::var("DAISY_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null());
         command
     }
@@ -503,5 +514,116 @@ pub async fn wait_for_runs(
         }
         assert!(started.elapsed() < limit, "runs never got there: {runs:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A whole Daisy for plugin tests: a migrated database, a plugins directory,
+/// queues of its own, `daisy serve` and `daisy worker` processes (with extra
+/// environment for the plugins), and a client.
+pub struct Stack {
+    /// Daisy's database.
+    pub db: TestDb,
+    /// The plugins directory.
+    pub plugins: PluginsDir,
+    /// The queues.
+    pub queue: TestQueue,
+    /// A client of `daisy serve`.
+    pub client: PostSubProxyClient<Channel>,
+    _serve: Daisy,
+    _worker: Daisy,
+}
+
+impl Stack {
+    /// Installs `plugins` (crate lib name, module) and starts Daisy with `env`.
+    pub async fn start(plugins: &[(&str, &str)], env: &[(&str, &str)]) -> Stack {
+        let (db, dir, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
+        for (krate, module) in plugins {
+            dir.install(krate, module);
+        }
+        let addr = free_port();
+        let spawn = |args: &[&str]| {
+            Daisy::command_with(&db.url, dir.path(), &queue, &queue.url, env)
+                .args(args)
+                .spawn()
+                .expect("starting daisy")
+        };
+        let serve = Daisy {
+            child: spawn(&[
+                "serve",
+                "--addr",
+                &addr.to_string(),
+                "--outbox-grace-ms",
+                "1000",
+                "--relay-interval-ms",
+                "200",
+            ]),
+            addr: Some(addr),
+        };
+        let worker = Daisy {
+            child: spawn(&["worker", "--retry-base-ms", "200", "--retry-max-ms", "2000"]),
+            addr: None,
+        };
+        let client = serve.client().await;
+        Stack {
+            db,
+            plugins: dir,
+            queue,
+            client,
+            _serve: serve,
+            _worker: worker,
+        }
+    }
+
+    /// Attaches a task with plain SQL; returns its id.
+    pub fn attach(
+        &self,
+        form: Uuid,
+        name: &str,
+        module: &str,
+        func: &str,
+        is_async: bool,
+        config: &serde_json::Value,
+    ) -> Uuid {
+        let id = Uuid::new_v4();
+        let config = config.to_string().replace('\'', "''");
+        self.db.execute(&format!(
+            "INSERT INTO tasks (id, form_id, name, module, func, async_status, config, max_attempts) \
+             VALUES ('{id}', '{form}', '{name}', '{module}', '{func}', {is_async}, '{config}', 5)"
+        ));
+        id
+    }
+
+    /// Calls Process with a new submission id; returns it and the response.
+    pub async fn process(
+        &mut self,
+        form: Uuid,
+        submission: serde_json::Value,
+    ) -> (String, proto::v1::ProcessResponse) {
+        let submission_id = Uuid::new_v4().to_string();
+        let request = proto::v1::ProcessRequest {
+            form_id: form.to_string(),
+            submission_id: submission_id.clone(),
+            submission: Some(proto::json::json_to_struct(submission).expect("a JSON object")),
+        };
+        let response = self
+            .client
+            .process(request)
+            .await
+            .expect("Process answers OK")
+            .into_inner();
+        (submission_id, response)
+    }
+
+    /// Waits until the submission's asynchronous runs are settled
+    /// (succeeded or dead) and returns all its runs.
+    pub async fn settled(&mut self, submission_id: &str, limit: Duration) -> Vec<proto::v1::Run> {
+        use proto::v1::RunState;
+        wait_for_runs(&mut self.client, submission_id, limit, |runs| {
+            runs.iter().any(|r| r.is_async)
+                && runs
+                    .iter()
+                    .all(|r| matches!(r.state(), RunState::Succeeded | RunState::Dead))
+        })
+        .await
     }
 }

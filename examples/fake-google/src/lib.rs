@@ -1,0 +1,399 @@
+//! A fake Google on loopback: the OAuth token endpoint (verifies the JWT's
+//! RS256 signature with a given public key, and its issuer, audience, scope
+//! and lifetime), the Sheets API values endpoints (read and write the header
+//! row, append rows; can answer 429 with Retry-After) and the Drive files
+//! endpoints the `google_sheets` plugin uses to create and share a
+//! spreadsheet per form. Used by the plugin's tests and by `make demo`; run
+//! it with `cargo run -p example-fake-google -- --help`.
+//!
+//! It checks requests the way the real APIs do (bearer tokens it issued,
+//! paths, `valueInputOption`, grant type) and answers errors in Google's
+//! shape: `{"error": {"code", "message", "status"}}`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Form, Json, Router,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+
+/// A spreadsheet created through Drive: its `appProperties` and who it is shared with.
+pub type Created = (Value, Vec<String>);
+
+/// What the fake has seen, and how it should misbehave. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Google {
+    public_key: Arc<Vec<u8>>,
+    issuer: Arc<String>,
+    token_url: Arc<Mutex<String>>,
+    tokens: Arc<Mutex<Vec<String>>>,
+    /// Token exchanges so far.
+    pub exchanges: Arc<Mutex<u32>>,
+    /// Spreadsheet id → sheet title → header row.
+    pub headers: Arc<Mutex<HashMap<String, Vec<Value>>>>,
+    /// Header writes so far.
+    pub header_writes: Arc<Mutex<u32>>,
+    /// Spreadsheet id → appended rows.
+    pub rows: Arc<Mutex<HashMap<String, Vec<Vec<Value>>>>>,
+    /// Appends to answer 429 before accepting.
+    pub throttle: Arc<Mutex<u32>>,
+    /// 429s answered so far.
+    pub throttled: Arc<Mutex<u32>>,
+    /// Spreadsheets created through Drive: id → (appProperties, shared with).
+    pub created: Arc<Mutex<HashMap<String, Created>>>,
+    /// The sheets of each spreadsheet.
+    sheets: Arc<Mutex<HashMap<String, Vec<String>>>>,
+}
+
+impl Google {
+    /// A fake accepting JWTs from `issuer` signed by the key whose public
+    /// half is `public_key_pem`. Spreadsheet `sheet-1` with sheet
+    /// `Responses` exists from the start.
+    pub fn new(public_key_pem: &[u8], issuer: &str) -> Google {
+        let google = Google {
+            public_key: Arc::new(public_key_pem.to_vec()),
+            issuer: Arc::new(issuer.to_owned()),
+            ..Google::default()
+        };
+        google
+            .sheets
+            .lock()
+            .expect("lock")
+            .insert("sheet-1".into(), vec!["Responses".into()]);
+        google
+    }
+
+    /// Rows appended to `spreadsheet`.
+    pub fn rows_of(&self, spreadsheet: &str) -> Vec<Vec<Value>> {
+        self.rows
+            .lock()
+            .expect("lock")
+            .get(spreadsheet)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The header row of `spreadsheet`.
+    pub fn header_of(&self, spreadsheet: &str) -> Vec<Value> {
+        self.headers
+            .lock()
+            .expect("lock")
+            .get(spreadsheet)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Serves on `listener`; returns the base URL (the token endpoint is `<base>/token`).
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> String {
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        *self.token_url.lock().expect("lock") = format!("{base}/token");
+        let app = Router::new()
+            .route("/token", post(token))
+            .route(
+                "/v4/spreadsheets/{id}/values/{range}",
+                get(values_get).put(values_put).post(values_append),
+            )
+            .route("/v4/spreadsheets/{id}", post(batch_update))
+            .route("/drive/v3/files", get(files_list).post(files_create))
+            .route("/drive/v3/files/{id}/permissions", post(permissions))
+            .with_state(self);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        base
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": {"code": status.as_u16(), "message": message, "status": status.canonical_reason()}}))).into_response()
+}
+
+async fn token(State(g): State<Google>, Form(form): Form<HashMap<String, String>>) -> Response {
+    if form.get("grant_type").map(String::as_str)
+        != Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "unsupported_grant_type"})),
+        )
+            .into_response();
+    }
+    let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(&g.public_key) else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the fake has no valid public key",
+        );
+    };
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&[g.token_url.lock().expect("lock").as_str()]);
+    validation.set_issuer(&[g.issuer.as_str()]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+    let claims = match jsonwebtoken::decode::<Value>(
+        form.get("assertion").map_or("", String::as_str),
+        &key,
+        &validation,
+    ) {
+        Ok(data) => data.claims,
+        Err(err) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_grant", "error_description": err.to_string()})),
+            )
+                .into_response();
+        }
+    };
+    let scope = claims["scope"].as_str().unwrap_or_default();
+    if !scope
+        .split(' ')
+        .any(|s| s == "https://www.googleapis.com/auth/spreadsheets")
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_scope"})),
+        )
+            .into_response();
+    }
+    let lifetime = claims["exp"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(claims["iat"].as_u64().unwrap_or(0));
+    if lifetime > 3600 {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant", "error_description": "token lifetime over an hour"}))).into_response();
+    }
+    let mut exchanges = g.exchanges.lock().expect("lock");
+    *exchanges += 1;
+    let token = format!("ya29.fake-{}-{}", *exchanges, uuid::Uuid::new_v4().simple());
+    g.tokens.lock().expect("lock").push(token.clone());
+    Json(json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"})).into_response()
+}
+
+fn unauthorized(g: &Google, headers: &HeaderMap) -> Option<Response> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let known = bearer.is_some_and(|t| g.tokens.lock().expect("lock").iter().any(|k| k == t));
+    (!known).then(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "Request had invalid authentication credentials.",
+        )
+    })
+}
+
+/// Splits `'Sheet name'!A1` into the sheet and the cells.
+fn split_range(range: &str) -> Option<(String, &str)> {
+    let (sheet, cells) = range.rsplit_once('!')?;
+    let sheet = sheet
+        .strip_prefix('\'')?
+        .strip_suffix('\'')?
+        .replace("''", "'");
+    Some((sheet, cells))
+}
+
+fn known_sheet(g: &Google, id: &str, sheet: &str) -> bool {
+    g.sheets
+        .lock()
+        .expect("lock")
+        .get(id)
+        .is_some_and(|s| s.iter().any(|t| t == sheet))
+}
+
+async fn values_get(
+    State(g): State<Google>,
+    Path((id, range)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    match split_range(&range) {
+        Some((sheet, "1:1")) if known_sheet(&g, &id, &sheet) => {
+            let header = g.header_of(&id);
+            let values = if header.is_empty() {
+                json!([])
+            } else {
+                json!([header])
+            };
+            Json(json!({"range": range, "majorDimension": "ROWS", "values": values}))
+                .into_response()
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("Requested entity was not found: {id} {range}"),
+        ),
+    }
+}
+
+async fn values_put(
+    State(g): State<Google>,
+    Path((id, range)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    if !query.contains_key("valueInputOption") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "'valueInputOption' is required but not specified",
+        );
+    }
+    match split_range(&range) {
+        Some((sheet, "1:1")) if known_sheet(&g, &id, &sheet) => {
+            let header = body["values"][0].as_array().cloned().unwrap_or_default();
+            g.headers.lock().expect("lock").insert(id, header);
+            *g.header_writes.lock().expect("lock") += 1;
+            Json(json!({"updatedRange": range})).into_response()
+        }
+        _ => error(
+            StatusCode::BAD_REQUEST,
+            &format!("Unable to parse range: {range}"),
+        ),
+    }
+}
+
+async fn values_append(
+    State(g): State<Google>,
+    Path((id, range)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(range) = range.strip_suffix(":append") else {
+        return error(StatusCode::NOT_FOUND, "Method not found.");
+    };
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    if query.get("valueInputOption").map(String::as_str) != Some("RAW") {
+        return error(StatusCode::BAD_REQUEST, "Invalid valueInputOption");
+    }
+    if !split_range(range).is_some_and(|(sheet, _)| known_sheet(&g, &id, &sheet)) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("Unable to parse range: {range}"),
+        );
+    }
+    {
+        let mut throttle = g.throttle.lock().expect("lock");
+        if *throttle > 0 {
+            *throttle -= 1;
+            *g.throttled.lock().expect("lock") += 1;
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                Json(json!({"error": {"code": 429, "message": "Quota exceeded for quota metric 'Write requests'", "status": "RESOURCE_EXHAUSTED"}})),
+            )
+                .into_response();
+        }
+    }
+    let mut rows = g.rows.lock().expect("lock");
+    let sheet_rows = rows.entry(id).or_default();
+    for row in body["values"].as_array().into_iter().flatten() {
+        sheet_rows.push(row.as_array().cloned().unwrap_or_default());
+    }
+    Json(json!({"updates": {"updatedRange": format!("{range}{}", sheet_rows.len() + 1), "updatedRows": 1}})).into_response()
+}
+
+/// `POST /v4/spreadsheets/{id}:batchUpdate` with `addSheet` requests.
+async fn batch_update(
+    State(g): State<Google>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(id) = id.strip_suffix(":batchUpdate") else {
+        return error(StatusCode::NOT_FOUND, "Method not found.");
+    };
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    let mut sheets = g.sheets.lock().expect("lock");
+    let Some(titles) = sheets.get_mut(id) else {
+        return error(StatusCode::NOT_FOUND, "Requested entity was not found.");
+    };
+    for request in body["requests"].as_array().into_iter().flatten() {
+        if let Some(title) = request["addSheet"]["properties"]["title"].as_str() {
+            titles.push(title.to_owned());
+        }
+    }
+    Json(json!({"spreadsheetId": id, "replies": []})).into_response()
+}
+
+async fn files_list(
+    State(g): State<Google>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    let q = query.get("q").cloned().unwrap_or_default();
+    let files: Vec<Value> = g
+        .created
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(_, (props, _))| {
+            props.as_object().into_iter().flatten().any(|(k, v)| {
+                q.contains(&format!("key='{k}'"))
+                    && v.as_str()
+                        .is_some_and(|v| q.contains(&format!("value='{v}'")))
+            })
+        })
+        .map(|(id, _)| json!({"id": id}))
+        .collect();
+    Json(json!({"files": files})).into_response()
+}
+
+async fn files_create(
+    State(g): State<Google>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    if body["mimeType"] != "application/vnd.google-apps.spreadsheet" {
+        return error(StatusCode::BAD_REQUEST, "only spreadsheets in this fake");
+    }
+    let id = format!("created-{}", uuid::Uuid::new_v4().simple());
+    g.created
+        .lock()
+        .expect("lock")
+        .insert(id.clone(), (body["appProperties"].clone(), Vec::new()));
+    g.sheets
+        .lock()
+        .expect("lock")
+        .insert(id.clone(), vec!["Sheet1".into()]);
+    Json(json!({"id": id, "name": body["name"]})).into_response()
+}
+
+async fn permissions(
+    State(g): State<Google>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    let Some(email) = body["emailAddress"].as_str() else {
+        return error(StatusCode::BAD_REQUEST, "emailAddress is required");
+    };
+    match g.created.lock().expect("lock").get_mut(&id) {
+        Some((_, shared)) => {
+            shared.push(email.to_owned());
+            Json(json!({"id": "perm", "role": body["role"], "type": body["type"]})).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, &format!("File not found: {id}.")),
+    }
+}

@@ -1,0 +1,440 @@
+//! `google_sheets`: each response becomes a row of a Google Sheet, each
+//! question a column (asynchronous; the seed's sample app).
+//!
+//! Authenticates as a Google service account: a JWT signed with the
+//! account's RS256 key is exchanged at the OAuth token endpoint, and the
+//! access token is cached until shortly before it expires. Writes the header
+//! row once (and widens it when new questions appear), then appends rows with
+//! `spreadsheets.values.append`. Without a spreadsheet id, creates one
+//! spreadsheet per form on first use, found again later through its Drive
+//! `appProperties`, and shares it with the configured addresses.
+//!
+//! Errors: 429 and 5xx are retryable and carry the server's `Retry-After`,
+//! so the worker's backoff absorbs quota bursts; other 4xx are permanent,
+//! with the API's message. See README.md for the config.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use plugin_api::{Input, Task, TaskError, Value, json};
+
+const SCOPES: &str =
+    "https://www.googleapis.com/auth/spreadsheets https://www.googleapis.com/auth/drive.file";
+
+/// The service account's key file (the fields Daisy uses).
+#[derive(serde::Deserialize)]
+struct ServiceAccount {
+    client_email: String,
+    private_key: String,
+    #[serde(default = "default_token_uri")]
+    token_uri: String,
+}
+
+fn default_token_uri() -> String {
+    "https://oauth2.googleapis.com/token".into()
+}
+
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    scope: &'a str,
+    aud: &'a str,
+    iat: u64,
+    exp: u64,
+}
+
+/// The Sheets export task.
+pub struct GoogleSheets {
+    agent: ureq::Agent,
+    email: String,
+    key: jsonwebtoken::EncodingKey,
+    token_url: String,
+    sheets_url: String,
+    drive_url: String,
+    spreadsheet: Option<String>,
+    sheet: String,
+    share_with: Vec<String>,
+    token: Mutex<Option<(String, Instant)>>,
+    /// Spreadsheet id → its header row, once read.
+    headers: Mutex<HashMap<String, Vec<String>>>,
+    /// Form id → its spreadsheet, when created per form.
+    per_form: Mutex<HashMap<String, String>>,
+}
+
+/// An HTTP answer: status, `Retry-After`, JSON body.
+struct Answer {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: Value,
+}
+
+impl GoogleSheets {
+    /// Config: see README.md.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        let path = config["credentials_file"].as_str().ok_or_else(|| {
+            TaskError::permanent("config needs 'credentials_file' (a service account key file)")
+        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TaskError::permanent(format!("reading credentials file '{path}': {e}")))?;
+        let account: ServiceAccount = plugin_api::serde_json::from_str(&text).map_err(|e| {
+            TaskError::permanent(format!(
+                "credentials file '{path}' is not a service account key: {e}"
+            ))
+        })?;
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(account.private_key.as_bytes()).map_err(
+            |e| {
+                TaskError::permanent(format!(
+                    "private key in '{path}' is not an RSA PEM key: {e}"
+                ))
+            },
+        )?;
+        let url = |name: &str, default: &str| {
+            config[name]
+                .as_str()
+                .unwrap_or(default)
+                .trim_end_matches('/')
+                .to_owned()
+        };
+        let share_with = config["share_with"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(GoogleSheets {
+            agent: ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_millis(
+                    config["timeout_ms"].as_u64().unwrap_or(10_000),
+                )))
+                .http_status_as_error(false)
+                .build()
+                .into(),
+            email: account.client_email,
+            key,
+            token_url: url("token_url", &account.token_uri),
+            sheets_url: url("sheets_base_url", "https://sheets.googleapis.com"),
+            drive_url: url("drive_base_url", "https://www.googleapis.com"),
+            spreadsheet: config["spreadsheet_id"].as_str().map(str::to_owned),
+            sheet: config["sheet"].as_str().unwrap_or("Responses").to_owned(),
+            share_with,
+            token: Mutex::new(None),
+            headers: Mutex::new(HashMap::new()),
+            per_form: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A valid access token, from the cache or a fresh exchange.
+    fn token(&self) -> Result<String, TaskError> {
+        let mut cached = self
+            .token
+            .lock()
+            .map_err(|_| TaskError::retryable("token cache poisoned"))?;
+        if let Some((token, expires)) = cached.as_ref() {
+            if Instant::now() + Duration::from_secs(60) < *expires {
+                return Ok(token.clone());
+            }
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let claims = Claims {
+            iss: &self.email,
+            scope: SCOPES,
+            aud: &self.token_url,
+            iat: now,
+            exp: now + 3600,
+        };
+        let jwt = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &self.key,
+        )
+        .map_err(|e| TaskError::permanent(format!("signing the token request: {e}")))?;
+        let answer = check(
+            "token exchange",
+            self.agent.post(&self.token_url).send_form([
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", jwt.as_str()),
+            ]),
+        )?;
+        let token = answer.body["access_token"]
+            .as_str()
+            .ok_or_else(|| TaskError::retryable("token endpoint answered without an access_token"))?
+            .to_owned();
+        let lifetime = Duration::from_secs(answer.body["expires_in"].as_u64().unwrap_or(3600));
+        *cached = Some((token.clone(), Instant::now() + lifetime));
+        Ok(token)
+    }
+
+    fn bearer(&self) -> Result<String, TaskError> {
+        Ok(format!("Bearer {}", self.token()?))
+    }
+
+    /// The spreadsheet for `form`: configured, or created (once) per form.
+    fn spreadsheet(&self, form: &str) -> Result<String, TaskError> {
+        if let Some(id) = &self.spreadsheet {
+            return Ok(id.clone());
+        }
+        let mut per_form = self
+            .per_form
+            .lock()
+            .map_err(|_| TaskError::retryable("cache poisoned"))?;
+        if let Some(id) = per_form.get(form) {
+            return Ok(id.clone());
+        }
+        let bearer = self.bearer()?;
+        // Created earlier (by this or another worker)? Drive knows by appProperties.
+        let query = format!(
+            "appProperties has {{ key='daisy_form' and value='{form}' }} and trashed = false"
+        );
+        let found = check(
+            "finding the form's spreadsheet",
+            self.agent
+                .get(format!("{}/drive/v3/files", self.drive_url))
+                .query("q", &query)
+                .query("fields", "files(id)")
+                .header("Authorization", &bearer)
+                .call(),
+        )?;
+        let id = match found.body["files"][0]["id"].as_str() {
+            Some(id) => id.to_owned(),
+            None => self.create_spreadsheet(form, &bearer)?,
+        };
+        per_form.insert(form.to_owned(), id.clone());
+        Ok(id)
+    }
+
+    fn create_spreadsheet(&self, form: &str, bearer: &str) -> Result<String, TaskError> {
+        let created = check(
+            "creating the form's spreadsheet",
+            self.agent
+                .post(format!("{}/drive/v3/files", self.drive_url))
+                .header("Authorization", bearer)
+                .send_json(json!({
+                    "name": format!("Daisy responses {form}"),
+                    "mimeType": "application/vnd.google-apps.spreadsheet",
+                    "appProperties": {"daisy_form": form},
+                })),
+        )?;
+        let id = created.body["id"]
+            .as_str()
+            .ok_or_else(|| TaskError::retryable("Drive created a file without an id"))?
+            .to_owned();
+        for email in &self.share_with {
+            check(
+                &format!("sharing the spreadsheet with {email}"),
+                self.agent
+                    .post(format!(
+                        "{}/drive/v3/files/{id}/permissions",
+                        self.drive_url
+                    ))
+                    .query("sendNotificationEmail", "false")
+                    .header("Authorization", bearer)
+                    .send_json(json!({"type": "user", "role": "writer", "emailAddress": email})),
+            )?;
+        }
+        // A new spreadsheet has one sheet, "Sheet1": add ours.
+        check(
+            "adding the sheet",
+            self.agent
+                .post(format!(
+                    "{}/v4/spreadsheets/{id}:batchUpdate",
+                    self.sheets_url
+                ))
+                .header("Authorization", bearer)
+                .send_json(
+                    json!({"requests": [{"addSheet": {"properties": {"title": self.sheet}}}]}),
+                ),
+        )?;
+        Ok(id)
+    }
+
+    fn values_url(&self, spreadsheet: &str, range: &str) -> String {
+        format!(
+            "{}/v4/spreadsheets/{spreadsheet}/values/{}",
+            self.sheets_url,
+            encode(&format!("'{}'!{range}", self.sheet.replace('\'', "''")))
+        )
+    }
+
+    /// The header row, widened with `keys` it lacks (written back if so).
+    fn header(&self, spreadsheet: &str, keys: &[String]) -> Result<Vec<String>, TaskError> {
+        let mut headers = self
+            .headers
+            .lock()
+            .map_err(|_| TaskError::retryable("cache poisoned"))?;
+        let bearer = self.bearer()?;
+        if !headers.contains_key(spreadsheet) {
+            let read = check(
+                "reading the header row",
+                self.agent
+                    .get(self.values_url(spreadsheet, "1:1"))
+                    .header("Authorization", &bearer)
+                    .call(),
+            )?;
+            let existing = read.body["values"][0]
+                .as_array()
+                .map(|row| {
+                    row.iter()
+                        .map(|c| c.as_str().unwrap_or_default().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            headers.insert(spreadsheet.to_owned(), existing);
+        }
+        let header = headers.get_mut(spreadsheet).expect("inserted above");
+        let mut wanted: Vec<String> = ["submission_id", "form_id"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        wanted.extend(keys.iter().cloned());
+        let missing: Vec<String> = wanted.into_iter().filter(|k| !header.contains(k)).collect();
+        if !missing.is_empty() {
+            let mut widened = header.clone();
+            widened.extend(missing);
+            check(
+                "writing the header row",
+                self.agent
+                    .put(self.values_url(spreadsheet, "1:1"))
+                    .query("valueInputOption", "RAW")
+                    .header("Authorization", &bearer)
+                    .send_json(json!({ "values": [widened] })),
+            )?;
+            *header = widened;
+        }
+        Ok(header.clone())
+    }
+}
+
+/// Turns a response into an [`Answer`], or a [`TaskError`] for errors.
+fn check(
+    what: &str,
+    sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<Answer, TaskError> {
+    let mut response =
+        sent.map_err(|e| TaskError::retryable(format!("{what}: Google unreachable: {e}")))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map(Duration::from_secs)
+                .ok()
+                .or_else(|| {
+                    httpdate::parse_http_date(v)
+                        .ok()?
+                        .duration_since(SystemTime::now())
+                        .ok()
+                })
+        });
+    let body: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+    let answer = Answer {
+        status,
+        retry_after,
+        body,
+    };
+    let message = || {
+        answer.body["error"]["message"]
+            .as_str()
+            .or_else(|| answer.body["error_description"].as_str())
+            .or_else(|| answer.body["error"].as_str())
+            .unwrap_or("no message")
+            .to_owned()
+    };
+    match answer.status {
+        200..=299 => Ok(answer),
+        429 | 500..=599 => {
+            let err = TaskError::retryable(format!(
+                "{what}: Google answered {}: {}",
+                answer.status,
+                message()
+            ));
+            Err(match answer.retry_after {
+                Some(after) => err.with_retry_after(after),
+                None => err,
+            })
+        }
+        status => Err(TaskError::permanent(format!(
+            "{what}: Google refused ({status}): {}",
+            message()
+        ))),
+    }
+}
+
+/// Percent-encodes a path segment.
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn cell(value: Option<&Value>) -> Value {
+    match value {
+        None | Some(Value::Null) => Value::String(String::new()),
+        Some(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_))) => v.clone(),
+        Some(other) => Value::String(other.to_string()),
+    }
+}
+
+impl Task for GoogleSheets {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        let empty = plugin_api::serde_json::Map::new();
+        let answers = input.submission["answers"]
+            .as_object()
+            .or_else(|| input.submission.as_object())
+            .unwrap_or(&empty);
+        let mut keys: Vec<String> = answers.keys().cloned().collect();
+        keys.sort();
+        let spreadsheet = self.spreadsheet(&input.form_id)?;
+        let header = self.header(&spreadsheet, &keys)?;
+        let row: Vec<Value> = header
+            .iter()
+            .map(|column| match column.as_str() {
+                "submission_id" => Value::String(input.submission_id.clone()),
+                "form_id" => Value::String(input.form_id.clone()),
+                key => cell(answers.get(key)),
+            })
+            .collect();
+        let bearer = self.bearer()?;
+        let appended = check(
+            "appending the row",
+            self.agent
+                .post(format!("{}:append", self.values_url(&spreadsheet, "A1")))
+                .query("valueInputOption", "RAW")
+                .query("insertDataOption", "INSERT_ROWS")
+                .header("Authorization", &bearer)
+                .send_json(json!({ "values": [row] })),
+        )?;
+        Ok(json!({
+            "spreadsheet_id": spreadsheet,
+            "updated_range": appended.body["updates"]["updatedRange"],
+        }))
+    }
+}
+
+plugin_api::export_plugin!("append_row" => GoogleSheets::new);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sheet_ranges_are_encoded_for_the_path() {
+        assert_eq!(encode("'My Sheet'!A1"), "%27My%20Sheet%27%21A1");
+    }
+}

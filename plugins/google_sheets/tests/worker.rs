@@ -1,0 +1,170 @@
+//! `google_sheets` through the real loader and a worker, against fake Google
+//! endpoints on loopback: the token endpoint verifies the JWT's signature
+//! with the test key and its claims; the Sheets API records the header and
+//! the appended rows and can answer 429 with Retry-After.
+
+use std::time::Duration;
+
+use example_fake_google::Google;
+use proto::v1::RunState;
+use serde_json::json;
+use test_support::Stack;
+use uuid::Uuid;
+
+const EMAIL: &str = "daisy-export@test-project.iam.gserviceaccount.com";
+
+async fn fake_google(throttle: u32) -> (Google, String) {
+    let google = Google::new(include_bytes!("fixtures/test-key.pub.pem"), EMAIL);
+    *google.throttle.lock().expect("lock") = throttle;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = google.clone().serve(listener).await;
+    (google, base)
+}
+
+fn credentials(email: &str, token_uri: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("sa-{}.json", Uuid::new_v4().simple()));
+    let key = include_str!("fixtures/test-key.pem");
+    std::fs::write(&path, json!({
+        "type": "service_account", "client_email": email, "private_key": key, "token_uri": token_uri,
+    }).to_string()).expect("writing credentials");
+    path
+}
+
+#[tokio::test]
+async fn rows_and_header_are_written_with_one_token_and_a_429_burst_loses_nothing() {
+    let (google, base) = fake_google(3).await;
+    let creds = credentials(EMAIL, &format!("{base}/token"));
+    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let form = Uuid::new_v4();
+    stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
+        "credentials_file": creds, "spreadsheet_id": "sheet-1", "sheet": "Responses", "sheets_base_url": base,
+    }));
+
+    let mut submissions = Vec::new();
+    for i in 0..5 {
+        let answers = json!({"name": format!("person {i}"), "rating": i, "happy": i % 2 == 0});
+        submissions.push(stack.process(form, json!({"answers": answers})).await.0);
+    }
+    for submission in &submissions {
+        let runs = stack.settled(submission, Duration::from_secs(90)).await;
+        assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+    }
+
+    assert_eq!(
+        *google.exchanges.lock().expect("lock"),
+        1,
+        "one token exchange for every run"
+    );
+    assert_eq!(
+        *google.throttled.lock().expect("lock"),
+        3,
+        "the burst was hit"
+    );
+    let header = google.header_of("sheet-1");
+    assert_eq!(
+        header,
+        [
+            json!("submission_id"),
+            json!("form_id"),
+            json!("happy"),
+            json!("name"),
+            json!("rating")
+        ]
+    );
+    assert_eq!(
+        *google.header_writes.lock().expect("lock"),
+        1,
+        "the header is written once"
+    );
+    let rows = google.rows_of("sheet-1");
+    assert_eq!(rows.len(), 5, "every row exactly once: {rows:?}");
+    for (i, submission) in submissions.iter().enumerate() {
+        let row = rows
+            .iter()
+            .find(|r| r[0] == json!(submission))
+            .expect("the submission's row");
+        assert_eq!(
+            row[1..],
+            [
+                json!(form.to_string()),
+                json!(i % 2 == 0),
+                json!(format!("person {i}")),
+                json!(i)
+            ]
+        );
+    }
+    let _ = std::fs::remove_file(creds);
+}
+
+#[tokio::test]
+async fn a_key_the_token_endpoint_rejects_is_a_permanent_error() {
+    let (google, base) = fake_google(0).await;
+    // A service account the token endpoint does not know: it refuses the JWT.
+    let creds = credentials(
+        "stranger@elsewhere.iam.gserviceaccount.com",
+        &format!("{base}/token"),
+    );
+    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let form = Uuid::new_v4();
+    stack.attach(
+        form,
+        "sheet",
+        "google_sheets",
+        "append_row",
+        true,
+        &json!({
+            "credentials_file": creds, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
+        }),
+    );
+
+    let (submission, _) = stack.process(form, json!({"answers": {"name": "x"}})).await;
+    let runs = stack.settled(&submission, Duration::from_secs(60)).await;
+
+    assert_eq!(runs[0].state(), RunState::Dead, "{runs:?}");
+    assert!(
+        runs[0].last_error.contains("token exchange") && runs[0].last_error.contains("400"),
+        "{}",
+        runs[0].last_error
+    );
+    assert!(google.rows_of("sheet-1").is_empty());
+    let _ = std::fs::remove_file(creds);
+}
+
+#[tokio::test]
+async fn without_a_spreadsheet_id_one_is_created_per_form_and_shared() {
+    let (google, base) = fake_google(0).await;
+    let creds = credentials(EMAIL, &format!("{base}/token"));
+    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let form = Uuid::new_v4();
+    stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
+        "credentials_file": creds, "sheet": "Responses", "share_with": ["ops@example.org", "lead@example.org"],
+        "sheets_base_url": base, "drive_base_url": base,
+    }));
+
+    let mut submissions = Vec::new();
+    for i in 0..3 {
+        submissions.push(stack.process(form, json!({"answers": {"n": i}})).await.0);
+    }
+    for submission in &submissions {
+        let runs = stack.settled(submission, Duration::from_secs(60)).await;
+        assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+    }
+
+    let created = google.created.lock().expect("lock").clone();
+    assert_eq!(
+        created.len(),
+        1,
+        "one spreadsheet for the form: {created:?}"
+    );
+    let (id, (props, shared)) = created.into_iter().next().expect("created");
+    assert_eq!(props, json!({"daisy_form": form.to_string()}));
+    assert_eq!(shared, ["ops@example.org", "lead@example.org"]);
+    assert_eq!(google.rows_of(&id).len(), 3);
+    assert_eq!(
+        google.header_of(&id),
+        [json!("submission_id"), json!("form_id"), json!("n")]
+    );
+    let _ = std::fs::remove_file(creds);
+}

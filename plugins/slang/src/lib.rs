@@ -1,0 +1,183 @@
+//! `slang`: finds the slang in a text answer, using the dictionary of the
+//! city given by another answer (synchronous), as in the original brief.
+//!
+//! Output: `{"city": "...", "known_city": bool, "matches": [{"term", "meaning"}]}`.
+//! See README.md for the config.
+
+use std::collections::HashMap;
+
+use plugin_api::{Input, Task, TaskError, Value, json};
+
+/// The lookup task.
+pub struct Slang {
+    text_field: String,
+    city_field: String,
+    /// Lower-cased city → lower-cased term → meaning.
+    dictionaries: HashMap<String, HashMap<String, String>>,
+}
+
+fn parse_dictionaries(
+    value: &Value,
+) -> Result<HashMap<String, HashMap<String, String>>, TaskError> {
+    let cities = value.as_object().ok_or_else(|| {
+        TaskError::permanent("dictionaries must be an object of city → {term: meaning}")
+    })?;
+    cities
+        .iter()
+        .map(|(city, terms)| {
+            let terms = terms
+                .as_object()
+                .ok_or_else(|| {
+                    TaskError::permanent(format!(
+                        "dictionary of '{city}' must be an object of term → meaning"
+                    ))
+                })?
+                .iter()
+                .map(|(term, meaning)| {
+                    let meaning = meaning.as_str().ok_or_else(|| {
+                        TaskError::permanent(format!(
+                            "meaning of '{term}' in '{city}' must be a string"
+                        ))
+                    })?;
+                    Ok((term.to_lowercase(), meaning.to_owned()))
+                })
+                .collect::<Result<_, TaskError>>()?;
+            Ok((city.to_lowercase(), terms))
+        })
+        .collect()
+}
+
+impl Slang {
+    /// Config: `{"text_field", "city_field", "dictionaries" | "dictionary_file"}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        let field = |name: &str, default: &str| config[name].as_str().unwrap_or(default).to_owned();
+        let dictionaries = match (&config["dictionaries"], config["dictionary_file"].as_str()) {
+            (Value::Null, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    TaskError::permanent(format!("reading dictionary file '{path}': {e}"))
+                })?;
+                let value: Value = plugin_api::serde_json::from_str(&text).map_err(|e| {
+                    TaskError::permanent(format!("dictionary file '{path}' is not JSON: {e}"))
+                })?;
+                parse_dictionaries(&value)?
+            }
+            (Value::Null, None) => {
+                return Err(TaskError::permanent(
+                    "config needs 'dictionaries' or 'dictionary_file'",
+                ));
+            }
+            (inline, _) => parse_dictionaries(inline)?,
+        };
+        Ok(Slang {
+            text_field: field("text_field", "text"),
+            city_field: field("city_field", "city"),
+            dictionaries,
+        })
+    }
+}
+
+/// The words of `text`, lower-cased, and the text itself normalised for phrases.
+fn words(text: &str) -> (Vec<String>, String) {
+    let lowered = text.to_lowercase();
+    let words: Vec<String> = lowered
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let normalised = format!(" {} ", words.join(" "));
+    (words, normalised)
+}
+
+impl Task for Slang {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        let answers = input.submission["answers"]
+            .as_object()
+            .or_else(|| input.submission.as_object());
+        let get = |field: &str| answers.and_then(|a| a.get(field)).and_then(Value::as_str);
+        let text = get(&self.text_field)
+            .ok_or_else(|| TaskError::permanent(format!("no text answer '{}'", self.text_field)))?;
+        let city = get(&self.city_field)
+            .ok_or_else(|| TaskError::permanent(format!("no city answer '{}'", self.city_field)))?;
+        let Some(dictionary) = self.dictionaries.get(&city.trim().to_lowercase()) else {
+            return Ok(json!({ "city": city, "known_city": false, "matches": [] }));
+        };
+        let (words, normalised) = words(text);
+        let mut matches: Vec<(&String, &String)> = dictionary
+            .iter()
+            .filter(|(term, _)| {
+                if term.contains(' ') {
+                    normalised.contains(&format!(" {term} "))
+                } else {
+                    words.iter().any(|w| w == *term)
+                }
+            })
+            .collect();
+        // In the order they appear in the text.
+        matches
+            .sort_by_key(|(term, _)| normalised.find(&format!(" {term} ")).unwrap_or(usize::MAX));
+        Ok(json!({
+            "city": city,
+            "known_city": true,
+            "matches": matches.iter().map(|(term, meaning)| json!({"term": term, "meaning": meaning})).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+plugin_api::export_plugin!("slang" => Slang::new);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_words_and_phrases_of_the_right_city_only() {
+        let task = Slang::new(json!({
+            "text_field": "comment", "city_field": "city",
+            "dictionaries": {
+                "Lagos": {"wahala": "trouble", "no wahala": "no problem", "japa": "to emigrate"},
+                "London": {"innit": "isn't it"},
+            },
+        }))
+        .expect("config");
+        let input = |comment: &str, city: &str| {
+            Input::new(
+                "f",
+                "s",
+                json!({"answers": {"comment": comment, "city": city}}),
+                1,
+            )
+        };
+
+        let out = task
+            .run(&input("No wahala, but my cousin wants to JAPA!", "lagos"))
+            .expect("runs");
+        assert_eq!(out["known_city"], true);
+        let terms: Vec<_> = out["matches"]
+            .as_array()
+            .expect("matches")
+            .iter()
+            .map(|m| m["term"].clone())
+            .collect();
+        assert_eq!(terms, [json!("no wahala"), json!("wahala"), json!("japa")]);
+
+        let london = task.run(&input("wahala innit", "London")).expect("runs");
+        assert_eq!(
+            london["matches"],
+            json!([{"term": "innit", "meaning": "isn't it"}])
+        );
+
+        let unknown = task.run(&input("wahala", "Paris")).expect("runs");
+        assert_eq!(
+            unknown,
+            json!({"city": "Paris", "known_city": false, "matches": []})
+        );
+
+        let missing = task.run(&Input::new(
+            "f",
+            "s",
+            json!({"answers": {"city": "Lagos"}}),
+            1,
+        ));
+        assert!(missing.is_err_and(|e| e.message().contains("no text answer 'comment'")));
+    }
+}

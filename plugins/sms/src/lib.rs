@@ -1,0 +1,216 @@
+//! `sms`: texts a receipt to the customer whose phone number is among the
+//! answers, through an HTTP SMS gateway with a Twilio-compatible Messages
+//! API (asynchronous). See README.md for the config.
+
+use std::time::Duration;
+
+use base64::Engine;
+use plugin_api::{Input, Task, TaskError, Value, json};
+
+/// The SMS receipt task.
+pub struct Sms {
+    agent: ureq::Agent,
+    messages_url: String,
+    authorization: String,
+    from: String,
+    phone_field: String,
+    template: String,
+}
+
+/// A secret named by config: `<name>_env` (a variable) or `<name>_file`.
+fn secret(config: &Value, name: &str) -> Result<String, TaskError> {
+    if let Some(var) = config[format!("{name}_env")].as_str() {
+        return std::env::var(var).map_err(|_| {
+            TaskError::permanent(format!("environment variable {var} ({name}) is not set"))
+        });
+    }
+    if let Some(path) = config[format!("{name}_file")].as_str() {
+        return std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| TaskError::permanent(format!("reading {name} from '{path}': {e}")));
+    }
+    Err(TaskError::permanent(format!(
+        "config needs '{name}_env' or '{name}_file'"
+    )))
+}
+
+impl Sms {
+    /// Config: see README.md.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        let text = |name: &str| {
+            config[name]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| TaskError::permanent(format!("config needs a string '{name}'")))
+        };
+        let base_url = config["base_url"]
+            .as_str()
+            .unwrap_or("https://api.twilio.com")
+            .trim_end_matches('/')
+            .to_owned();
+        let account = text("account_sid")?;
+        let token = secret(&config, "auth_token")?;
+        let timeout = Duration::from_millis(config["timeout_ms"].as_u64().unwrap_or(10_000));
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("{account}:{token}"));
+        Ok(Sms {
+            agent,
+            messages_url: format!("{base_url}/2010-04-01/Accounts/{account}/Messages.json"),
+            authorization: format!("Basic {credentials}"),
+            from: text("from")?,
+            phone_field: config["phone_field"].as_str().unwrap_or("phone").to_owned(),
+            template: text("template")?,
+        })
+    }
+}
+
+/// The number in E.164 (`+` and 8 to 15 digits), separators removed.
+pub fn e164(raw: &str) -> Option<String> {
+    let number: String = raw
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
+        .collect();
+    let digits = number.strip_prefix('+')?;
+    let ok = (8..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0');
+    ok.then_some(number)
+}
+
+/// Fills `{key}` placeholders with answers; a missing answer is an error.
+pub fn fill(
+    template: &str,
+    answers: &plugin_api::serde_json::Map<String, Value>,
+) -> Result<String, TaskError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let Some(len) = rest[start..].find('}') else {
+            return Err(TaskError::permanent("template has an unclosed '{'"));
+        };
+        let key = &rest[start + 1..start + len];
+        match answers.get(key) {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Null) | None => {
+                return Err(TaskError::permanent(format!(
+                    "template needs answer '{key}', which is missing"
+                )));
+            }
+            Some(other) => out.push_str(&other.to_string()),
+        }
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Task for Sms {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        let empty = plugin_api::serde_json::Map::new();
+        let answers = input.submission["answers"]
+            .as_object()
+            .or_else(|| input.submission.as_object())
+            .unwrap_or(&empty);
+        let raw = answers
+            .get(&self.phone_field)
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                TaskError::permanent(format!("no phone number in answer '{}'", self.phone_field))
+            })?;
+        let to = e164(raw).ok_or_else(|| {
+            TaskError::permanent(format!(
+                "invalid phone number '{raw}': expected E.164, like +14155550100"
+            ))
+        })?;
+        let body = fill(&self.template, answers)?;
+        let mut response = self
+            .agent
+            .post(&self.messages_url)
+            .header("Authorization", &self.authorization)
+            .send_form([
+                ("To", to.as_str()),
+                ("From", self.from.as_str()),
+                ("Body", body.as_str()),
+            ])
+            .map_err(|e| TaskError::retryable(format!("SMS gateway unreachable: {e}")))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let reply: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        let detail = reply["message"].as_str().unwrap_or("no message").to_owned();
+        match status {
+            200..=299 => Ok(json!({ "sid": reply["sid"], "status": reply["status"], "to": to })),
+            429 | 500..=599 => {
+                let err = TaskError::retryable(format!("SMS gateway answered {status}: {detail}"));
+                Err(match retry_after {
+                    Some(after) => err.with_retry_after(after),
+                    None => err,
+                })
+            }
+            _ => Err(TaskError::permanent(format!(
+                "SMS gateway refused the message ({status}, code {}): {detail}",
+                reply["code"]
+            ))),
+        }
+    }
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .ok()
+        .or_else(|| {
+            httpdate::parse_http_date(value)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .ok()
+        })
+}
+
+plugin_api::export_plugin!("sms" => Sms::new);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phone_numbers_are_normalised_to_e164_or_refused() {
+        assert_eq!(e164("+44 7700 900-123").as_deref(), Some("+447700900123"));
+        assert_eq!(e164("(+1) 415.555.0100").as_deref(), Some("+14155550100"));
+        for bad in [
+            "07700900123",
+            "+0123456789",
+            "+12",
+            "+1234567890123456",
+            "+44abc",
+            "",
+        ] {
+            assert_eq!(e164(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn templates_are_filled_from_answers() {
+        let answers = json!({"name": "Ada", "rating": 5})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            fill("Thanks {name}, you gave {rating}/5.", &answers),
+            Ok("Thanks Ada, you gave 5/5.".into())
+        );
+        assert!(fill("Hi {nobody}", &answers).is_err_and(|e| e.message().contains("'nobody'")));
+    }
+}
