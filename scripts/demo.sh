@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The guided tour of the whole system: Daisy (`daisy serve` + `daisy worker`)
-# behind the demo Collect backend. Creates a form, attaches tasks with the
-# daisy CLI, submits responses with curl, prints the HTTP answers (with the
-# synchronous results inline), follows the asynchronous runs to the end,
-# shows a submission made while Daisy is down being completed later, then
-# stops everything it started.
+# behind the demo Collect backend. Creates a form, attaches `validate`
+# (synchronous business rules) and `google_sheets` (asynchronous, one row per
+# response) with the daisy CLI, submits a valid and an invalid response with
+# curl, prints the HTTP answers (with the rule flags inline), follows the
+# asynchronous runs to the end, shows a submission made while Daisy is down
+# being completed later, then stops everything it started.
+#
+# Google Sheets: by default against examples/fake-google, started here with a
+# throwaway key. For the real thing, set GOOGLE_CREDENTIALS_FILE (a service
+# account key file) and DEMO_SPREADSHEET_ID (a spreadsheet shared with it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +23,10 @@ COLLECT_PORT=${DEMO_COLLECT_PORT:-18080}
 export DAISY_ADDR=127.0.0.1:$DAISY_PORT DAISY_SERVER=http://127.0.0.1:$DAISY_PORT
 export COLLECT_ADDR=127.0.0.1:$COLLECT_PORT COLLECT_RESEND_GRACE_SECS=1
 export RUST_LOG=${RUST_LOG:-warn}
+GOOGLE_PORT=${DEMO_GOOGLE_PORT:-18090}
 DAISY=target/debug/daisy
 COLLECT=target/debug/example-collect
+FAKE_GOOGLE=target/debug/example-fake-google
 API=http://127.0.0.1:$COLLECT_PORT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -57,6 +64,26 @@ for url in "$DATABASE_URL" "$COLLECT_DATABASE_URL"; do
 done
 run $DAISY migrate
 
+step "Google Sheets for the export"
+WORK=$(mktemp -d)
+PIDS_EXTRA=()
+if [ -n "${GOOGLE_CREDENTIALS_FILE:-}" ] && [ -n "${DEMO_SPREADSHEET_ID:-}" ]; then
+    say "using the real Google APIs with $GOOGLE_CREDENTIALS_FILE, spreadsheet $DEMO_SPREADSHEET_ID"
+    SHEETS_CONFIG=$(jq -nc --arg c "$GOOGLE_CREDENTIALS_FILE" --arg s "$DEMO_SPREADSHEET_ID" \
+        '{credentials_file: $c, spreadsheet_id: $s, sheet: "Responses"}')
+else
+    EMAIL=demo-export@daisy-demo.iam.gserviceaccount.com
+    KEY=plugins/google_sheets/tests/fixtures/test-key.pem
+    jq -n --arg email "$EMAIL" --rawfile key "$KEY" --arg uri "http://127.0.0.1:$GOOGLE_PORT/token" \
+        '{type: "service_account", client_email: $email, private_key: $key, token_uri: $uri}' > "$WORK/service-account.json"
+    $FAKE_GOOGLE --addr "127.0.0.1:$GOOGLE_PORT" --public-key "${KEY%.pem}.pub.pem" --issuer "$EMAIL" > "$WORK/sheets.txt" &
+    FAKE_PID=$!; PIDS+=($FAKE_PID)
+    wait_port "$GOOGLE_PORT"
+    say "fake Google (token endpoint, Sheets, Drive) on 127.0.0.1:$GOOGLE_PORT, with a throwaway service account"
+    SHEETS_CONFIG=$(jq -nc --arg c "$WORK/service-account.json" --arg base "http://127.0.0.1:$GOOGLE_PORT" \
+        '{credentials_file: $c, spreadsheet_id: "sheet-1", sheet: "Responses", sheets_base_url: $base}')
+fi
+
 step "Start daisy serve ($DAISY_ADDR), a daisy worker, and the Collect backend ($COLLECT_ADDR)"
 start_daisy
 $DAISY worker & PIDS+=($!)
@@ -75,17 +102,28 @@ FORM=$(curl -sf -X POST "$API/forms" -H 'content-type: application/json' -d "$FO
 say "form id: $FORM"
 
 step "Attach tasks to it with the daisy CLI (no restart of anything)"
-run $DAISY task attach --form "$FORM" --name echo --module echo --func echo
-run $DAISY task attach --form "$FORM" --name archive --module echo --func echo --async
+RULES='{"rules": [
+  {"name": "rating_range", "expr": "rating >= 1 && rating <= 5", "message": "Rating must be between 1 and 5"},
+  {"name": "phone_for_low_rating", "required": "phone", "when": "rating <= 2", "message": "Leave a phone number so we can follow up"}]}'
+run $DAISY task attach --form "$FORM" --name validate --module validate --func validate --config "$(echo "$RULES" | jq -c .)"
+run $DAISY task attach --form "$FORM" --name sheet --module google_sheets --func append_row --async --config "$SHEETS_CONFIG"
 run $DAISY task list --form "$FORM"
 
-step "Submit a response: the synchronous results come back inline"
-BODY='{"answers": {"name": "Ada Lovelace", "phone": "+44 20 7946 0000", "rating": 5}, "metadata": {"device": "tablet-7"}}'
-printf "$ curl -X POST %s/forms/%s/submit -d '%s'\n" "$API" "$FORM" "$(echo "$BODY" | jq -c .)"
-RESPONSE=$(curl -s -X POST "$API/forms/$FORM/submit" -H 'content-type: application/json' -d "$BODY")
+submit() {
+    printf "$ curl -X POST %s/forms/%s/submit -d '%s'\n" "$API" "$FORM" "$(echo "$1" | jq -c .)" >&2
+    curl -s -X POST "$API/forms/$FORM/submit" -H 'content-type: application/json' -d "$1"
+}
+
+step "Submit a valid response: the rule results come back inline, the row is enqueued"
+RESPONSE=$(submit '{"answers": {"name": "Ada Lovelace", "phone": "+44 20 7946 0000", "rating": 5}, "metadata": {"device": "tablet-7"}}')
 echo "$RESPONSE" | jq .
 ID=$(echo "$RESPONSE" | jq -r .id)
-echo "$RESPONSE" | jq -e '.post_submission.status == "done"' >/dev/null
+echo "$RESPONSE" | jq -e '.post_submission.status == "done" and .post_submission.results[0].output.valid == true' >/dev/null
+
+step "Submit an invalid one: stored all the same, and the flags go back to the data collector"
+RESPONSE=$(submit '{"answers": {"name": "Bob", "rating": 1}}')
+echo "$RESPONSE" | jq '{id, flags: .post_submission.results[0].output}'
+echo "$RESPONSE" | jq -e '.post_submission.results[0].output.valid == false' >/dev/null
 
 step "Follow the asynchronous run through GetRuns until it finishes"
 echo "\$ $DAISY runs get $ID --wait 30"
@@ -93,14 +131,13 @@ RUNS=$($DAISY runs get "$ID" --wait 30)
 echo "$RUNS" | jq .
 echo "$RUNS" | jq -e 'map(select(.is_async)) | length == 1 and all(.state == "RUN_STATE_SUCCEEDED")' >/dev/null
 
-step "A bad submission is refused by the backend and never reaches Daisy"
+step "A malformed submission is refused by the backend and never reaches Daisy"
 printf "$ curl -X POST %s/forms/%s/submit -d '%s'\n" "$API" "$FORM" '{"answers":{"name":"Bob","rating":"five"}}'
 curl -s -X POST "$API/forms/$FORM/submit" -H 'content-type: application/json' -d '{"answers":{"name":"Bob","rating":"five"}}' | jq .
 
 step "Daisy goes down: the backend still answers, and nothing is missed"
 kill -TERM "$DAISY_PID"; wait "$DAISY_PID" 2>/dev/null || true
-RESPONSE=$(curl -s -X POST "$API/forms/$FORM/submit" -H 'content-type: application/json' \
-    -d '{"answers": {"name": "Grace Hopper", "rating": 4}}')
+RESPONSE=$(submit '{"answers": {"name": "Grace Hopper", "rating": 4}}')
 echo "$RESPONSE" | jq '{id, post_submission}'
 ID=$(echo "$RESPONSE" | jq -r .id)
 say "stored as: $(curl -s "$API/forms/$FORM/responses/$ID" | jq -r .post_processing)"
@@ -119,4 +156,10 @@ echo "$RUNS" | jq -e 'map(select(.is_async)) | length == 1 and all(.state == "RU
 step "Stop everything (SIGTERM: in-flight work finishes first)"
 cleanup
 PIDS=()
+if [ -f "$WORK/sheets.txt" ]; then
+    say "what the fake Google Sheet received (one row per response, header written once):"
+    sed 's/^/   /' "$WORK/sheets.txt"
+    [ "$(grep '^  row:' "$WORK/sheets.txt" | grep -c "$FORM")" -eq 3 ]
+fi
+rm -rf "$WORK"
 echo "done"
