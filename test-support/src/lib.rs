@@ -521,6 +521,10 @@ pub async fn wait_for_runs(
 /// queues of its own, `daisy serve` and `daisy worker` processes (with extra
 /// environment for the plugins), and a client.
 pub struct Stack {
+    // The processes go first: fields drop in order, and a live worker would
+    // declare the queues again after `queue` deleted them.
+    _serve: Daisy,
+    _worker: Daisy,
     /// Daisy's database.
     pub db: TestDb,
     /// The plugins directory.
@@ -529,8 +533,6 @@ pub struct Stack {
     pub queue: TestQueue,
     /// A client of `daisy serve`.
     pub client: PostSubProxyClient<Channel>,
-    _serve: Daisy,
-    _worker: Daisy,
 }
 
 impl Stack {

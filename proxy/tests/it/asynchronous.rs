@@ -44,7 +44,7 @@ fn all_succeeded(runs: &[proto::v1::Run]) -> bool {
     !runs.is_empty() && runs.iter().all(|r| r.state() == RunState::Succeeded)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_task_runs_on_a_worker_and_get_runs_shows_every_run() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -106,7 +106,7 @@ async fn async_task_runs_on_a_worker_and_get_runs_shows_every_run() {
     assert_eq!(to_json(sync.output.as_ref().expect("output")), sample());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_submission_creates_no_new_runs() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -170,7 +170,7 @@ async fn replayed_submission_creates_no_new_runs() {
     assert_eq!(runs.len(), 2, "one run per async task: {runs:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_are_retried_with_backoff_and_dead_runs_can_be_retried() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -302,7 +302,7 @@ async fn retryable_failures_are_retried_with_backoff_and_dead_runs_can_be_retrie
     assert_eq!(response.enqueued.len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_cut_off_during_process_loses_nothing() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -345,7 +345,7 @@ async fn broker_cut_off_during_process_loses_nothing() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_killed_between_commit_and_publish_is_covered_by_the_relay() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -382,7 +382,7 @@ async fn proxy_killed_between_commit_and_publish_is_covered_by_the_relay() {
     assert_eq!(runs[0].attempts, 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -433,7 +433,7 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_that_kills_every_worker_ends_dead_and_others_are_unaffected() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -507,7 +507,7 @@ async fn a_run_that_kills_every_worker_ends_dead_and_others_are_unaffected() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_submissions_with_a_worker_killed_once() {
     const SUBMISSIONS: usize = 10_000;
     const CLIENTS: usize = 32;
@@ -597,7 +597,7 @@ async fn ten_thousand_submissions_with_a_worker_killed_once() {
     assert!(repeated <= 64, "{repeated} runs executed more than once");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_and_worker_ride_out_broker_and_database_outages() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -683,7 +683,7 @@ async fn proxy_and_worker_ride_out_broker_and_database_outages() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_whose_messages_were_lost_are_requeued_after_the_stale_period() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();

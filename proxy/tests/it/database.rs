@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::util::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_forms_are_served_while_the_database_is_cut_off() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -79,7 +79,7 @@ async fn cached_forms_are_served_while_the_database_is_cut_off() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_started_while_the_database_is_down_serves_once_it_is_up() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::util::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_broken_task_fails_alone_and_the_next_call_is_served() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -115,7 +115,7 @@ async fn each_broken_task_fails_alone_and_the_next_call_is_served() {
     assert_eq!(response.results[0].outcome(), Outcome::Succeeded);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_naming_a_path_is_refused_by_the_database() {
     let db = TestDb::new();
     let form = Uuid::new_v4();

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::util::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_inserted_with_plain_sql_is_used_within_a_second() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -62,7 +62,7 @@ async fn task_inserted_with_plain_sql_is_used_within_a_second() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn library_dropped_in_while_running_is_used_at_the_next_call() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -94,7 +94,7 @@ async fn library_dropped_in_while_running_is_used_at_the_next_call() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacing_a_library_changes_behaviour_at_the_next_call() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();

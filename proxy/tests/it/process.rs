@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::util::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_returns_the_submission_as_output() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -30,7 +30,7 @@ async fn echo_returns_the_submission_as_output() {
     assert!(response.enqueued.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn form_without_tasks_answers_ok_with_empty_lists() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -42,7 +42,7 @@ async fn form_without_tasks_answers_ok_with_empty_lists() {
     assert!(response.enqueued.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_follow_attach_order_and_skip_disabled_and_async_tasks() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -86,7 +86,7 @@ async fn results_follow_attach_order_and_skip_disabled_and_async_tasks() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synchronous_tasks_run_concurrently() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -122,7 +122,7 @@ async fn synchronous_tasks_run_concurrently() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_calls_finish_on_shutdown() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();

@@ -11,7 +11,7 @@ use tonic_reflection::pb::v1::{
 
 use crate::util::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_serving() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -34,7 +34,7 @@ async fn health_reports_serving() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_describes_the_service_without_the_proto_file() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();

@@ -222,9 +222,17 @@ impl TestServer {
 }
 
 impl Drop for TestServer {
+    /// Stops the server and waits for it, so nothing it runs (the relay, a
+    /// publisher reconnecting) outlives the test's queues. Needs the
+    /// multi-threaded test runtime.
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            tokio::task::block_in_place(|| {
+                let _ = tokio::runtime::Handle::current().block_on(handle);
+            });
         }
     }
 }

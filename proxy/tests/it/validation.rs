@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::util::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_statuses_and_the_service_keeps_serving() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
