@@ -68,6 +68,18 @@ pub struct Input {
 }
 
 impl Input {
+    /// The answers: the submission's `answers` object when it has one (as
+    /// form backends usually send), else the submission itself; empty when
+    /// the submission is not an object.
+    pub fn answers(&self) -> &serde_json::Map<String, Value> {
+        static EMPTY: std::sync::OnceLock<serde_json::Map<String, Value>> =
+            std::sync::OnceLock::new();
+        self.submission["answers"]
+            .as_object()
+            .or_else(|| self.submission.as_object())
+            .unwrap_or_else(|| EMPTY.get_or_init(serde_json::Map::new))
+    }
+
     /// An input, as Daisy builds it for each run; handy in plugin tests.
     pub fn new(
         form_id: impl Into<String>,
@@ -141,6 +153,21 @@ impl TaskError {
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
+}
+
+/// Parses an HTTP `Retry-After` value: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    value
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .ok()
+        .or_else(|| {
+            httpdate::parse_http_date(value)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .ok()
+        })
 }
 
 impl fmt::Display for TaskError {

@@ -324,18 +324,7 @@ fn check(
         .headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.trim()
-                .parse::<u64>()
-                .map(Duration::from_secs)
-                .ok()
-                .or_else(|| {
-                    httpdate::parse_http_date(v)
-                        .ok()?
-                        .duration_since(SystemTime::now())
-                        .ok()
-                })
-        });
+        .and_then(plugin_api::parse_retry_after);
     let body: Value = response.body_mut().read_json().unwrap_or(Value::Null);
     let answer = Answer {
         status,
@@ -393,11 +382,7 @@ fn cell(value: Option<&Value>) -> Value {
 
 impl Task for GoogleSheets {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
-        let empty = plugin_api::serde_json::Map::new();
-        let answers = input.submission["answers"]
-            .as_object()
-            .or_else(|| input.submission.as_object())
-            .unwrap_or(&empty);
+        let answers = input.answers();
         let mut keys: Vec<String> = answers.keys().cloned().collect();
         keys.sort();
         let spreadsheet = self.spreadsheet(&input.form_id)?;

@@ -90,10 +90,8 @@ fn words(text: &str) -> (Vec<String>, String) {
 
 impl Task for Slang {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
-        let answers = input.submission["answers"]
-            .as_object()
-            .or_else(|| input.submission.as_object());
-        let get = |field: &str| answers.and_then(|a| a.get(field)).and_then(Value::as_str);
+        let answers = input.answers();
+        let get = |field: &str| answers.get(field).and_then(Value::as_str);
         let text = get(&self.text_field)
             .ok_or_else(|| TaskError::permanent(format!("no text answer '{}'", self.text_field)))?;
         let city = get(&self.city_field)

@@ -112,11 +112,7 @@ pub fn fill(
 
 impl Task for Sms {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
-        let empty = plugin_api::serde_json::Map::new();
-        let answers = input.submission["answers"]
-            .as_object()
-            .or_else(|| input.submission.as_object())
-            .unwrap_or(&empty);
+        let answers = input.answers();
         let raw = answers
             .get(&self.phone_field)
             .and_then(Value::as_str)
@@ -144,7 +140,7 @@ impl Task for Sms {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(plugin_api::parse_retry_after);
         let reply: Value = response.body_mut().read_json().unwrap_or(Value::Null);
         let detail = reply["message"].as_str().unwrap_or("no message").to_owned();
         match status {
@@ -162,21 +158,6 @@ impl Task for Sms {
             ))),
         }
     }
-}
-
-/// `Retry-After`: seconds, or an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    value
-        .trim()
-        .parse::<u64>()
-        .map(Duration::from_secs)
-        .ok()
-        .or_else(|| {
-            httpdate::parse_http_date(value)
-                .ok()?
-                .duration_since(std::time::SystemTime::now())
-                .ok()
-        })
 }
 
 plugin_api::export_plugin!("sms" => Sms::new);

@@ -12,7 +12,7 @@ use evalexpr::{
     ContextWithMutableVariables, DefaultNumericTypes, EvalexprError, HashMapContext, Node,
     Value as Ev, build_operator_tree,
 };
-use plugin_api::{Input, Task, TaskError, Value, json, serde_json::Map};
+use plugin_api::{Input, Task, TaskError, Value, json};
 
 /// One configured rule, compiled.
 struct Rule {
@@ -88,15 +88,6 @@ impl Validate {
     }
 }
 
-/// The answers: the submission's `answers` object, or the submission itself.
-fn answers(submission: &Value) -> Map<String, Value> {
-    submission["answers"]
-        .as_object()
-        .or_else(|| submission.as_object())
-        .cloned()
-        .unwrap_or_default()
-}
-
 fn to_ev(value: &Value) -> Option<Ev> {
     Some(match value {
         Value::Bool(b) => Ev::Boolean(*b),
@@ -121,7 +112,7 @@ fn evaluate(rule: &str, node: &Node, context: &HashMapContext) -> Result<bool, S
 
 impl Task for Validate {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
-        let answers = &answers(&input.submission);
+        let answers = input.answers();
         let mut context = HashMapContext::<DefaultNumericTypes>::new();
         for (key, value) in answers {
             if let Some(v) = to_ev(value) {
