@@ -7,7 +7,7 @@ CARGO ?= cargo
 PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
 DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
 
-.PHONY: help build plugins migrate serve demo test lint check-schema ci
+.PHONY: help build plugins migrate serve demo test lint check-schema bench bench-quick ci
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -31,6 +31,15 @@ demo: ## the whole system: Daisy, a worker and the Collect backend, in a guided 
 test: ## run the whole test suite against the real PostgreSQL
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
+
+bench: ## release build, every load scenario and the micro-benchmarks; writes target/bench/
+	$(CARGO) build --release --workspace
+	target/release/daisy-bench
+	$(CARGO) bench -p bench --bench micro
+
+bench-quick: ## every load scenario for a few seconds, to check the harness works
+	$(CARGO) build --release --workspace
+	target/release/daisy-bench --quick
 
 lint: ## rustfmt and clippy, warnings as errors
 	$(CARGO) fmt --all --check

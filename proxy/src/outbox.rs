@@ -87,34 +87,31 @@ impl Acceptor {
 pub struct Outbox {
     registry: Registry,
     publisher: Arc<Publisher>,
+    fresh: mpsc::Sender<Uuid>,
 }
 
 impl Outbox {
-    /// An outbox over `registry` publishing through `publisher`.
+    /// An outbox over `registry` publishing through `publisher`; starts the
+    /// task that publishes freshly accepted runs.
     pub fn new(registry: Registry, publisher: Arc<Publisher>) -> Outbox {
+        let (fresh, rx) = mpsc::channel(65_536);
+        tokio::spawn(publish_fresh(registry.clone(), publisher.clone(), rx));
         Outbox {
             registry,
             publisher,
+            fresh,
         }
     }
 
-    /// Publishes freshly accepted runs in the background; the relay covers
-    /// any that are not confirmed.
+    /// Publishes freshly accepted runs in the background, batched with those
+    /// of concurrent calls; the relay covers any that are not confirmed (or
+    /// that find the backlog full).
     pub fn publish_soon(&self, runs: Vec<Uuid>) {
-        let outbox = self.clone();
-        tokio::spawn(async move {
-            let confirmed = outbox.publisher.publish(&runs).await;
-            if confirmed.is_empty() {
-                return;
+        for run in runs {
+            if self.fresh.try_send(run).is_err() {
+                break;
             }
-            let registry = outbox.registry.clone();
-            let stored =
-                tokio::task::spawn_blocking(move || registry.mark_published(&confirmed)).await;
-            if let Ok(Err(err)) = stored {
-                // Harmless: the relay publishes them again after the grace period.
-                tracing::warn!(error = %err, "recording published runs failed");
-            }
-        });
+        }
     }
 
     /// Publishes due, unconfirmed runs every `interval` until `shutdown`;
@@ -171,6 +168,29 @@ impl Outbox {
                     _ = shutdown.changed() => {}
                 }
             }
+        }
+    }
+}
+
+/// Publishes what `publish_soon` queued, whatever piled up at a time, and
+/// records the confirmed ones in one statement per batch.
+async fn publish_fresh(
+    registry: Registry,
+    publisher: Arc<Publisher>,
+    mut rx: mpsc::Receiver<Uuid>,
+) {
+    let mut batch = Vec::with_capacity(1000);
+    while rx.recv_many(&mut batch, 1000).await > 0 {
+        let confirmed = publisher.publish(&batch).await;
+        batch.clear();
+        if confirmed.is_empty() {
+            continue;
+        }
+        let registry = registry.clone();
+        let stored = tokio::task::spawn_blocking(move || registry.mark_published(&confirmed)).await;
+        if let Ok(Err(err)) = stored {
+            // Harmless: the relay publishes them again after the grace period.
+            tracing::warn!(error = %err, "recording published runs failed");
         }
     }
 }

@@ -1,0 +1,97 @@
+//! Micro-benchmarks of the synchronous hot path: a plugin call through the
+//! stable ABI against the same task called directly, the per-call plugin
+//! instance lookup (a stat of the library file and a map lookup), and the
+//! submission's Struct → JSON conversion. `make bench` runs them (criterion);
+//! the libraries come from `target/release` (`cargo build --release --workspace`).
+
+use std::{hint::black_box, path::PathBuf};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use plugin_api::{Input, Task, host::RunInput, json};
+use proxy::{plugins::Plugins, registry::TaskDef};
+
+fn release_lib(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(proxy::plugins::library_file_name(name));
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --release --workspace",
+        path.display()
+    );
+    path
+}
+
+fn plugin_call(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        release_lib("testkit"),
+        dir.path()
+            .join(proxy::plugins::library_file_name("testkit")),
+    )
+    .expect("copy");
+    let plugins = Plugins::new(dir.path()).expect("loader");
+    let library = plugins.library("testkit").expect("loads");
+    let handle = library
+        .library
+        .instantiate("config", "null")
+        .expect("creates");
+    let direct = testkit::Config::new(json!(null)).expect("creates");
+    let input = Input::new("f", "s", json!({}), 1);
+    let mut group = c.benchmark_group("no-op task call");
+    group.bench_function("direct Rust call", |b| {
+        b.iter(|| black_box(direct.run(black_box(&input))))
+    });
+    group.bench_function("through the stable ABI", |b| {
+        b.iter(|| {
+            black_box(handle.run(RunInput {
+                form_id: "f",
+                submission_id: "s",
+                submission_json: black_box("{}"),
+                attempt: 1,
+            }))
+        })
+    });
+    group.finish();
+}
+
+fn instance_lookup(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        release_lib("echo"),
+        dir.path().join(proxy::plugins::library_file_name("echo")),
+    )
+    .expect("copy");
+    let plugins = Plugins::new(dir.path()).expect("loader");
+    let task = TaskDef {
+        id: uuid::Uuid::new_v4(),
+        form_id: uuid::Uuid::new_v4(),
+        name: "echo".into(),
+        module: "echo".into(),
+        func: "echo".into(),
+        is_async: false,
+        config: json!({}),
+        enabled: true,
+        timeout_ms: 1000,
+        max_attempts: 1,
+        created_at: chrono::Utc::now(),
+    };
+    plugins.instance(&task).expect("first load");
+    c.bench_function("plugin instance lookup (stat + map)", |b| {
+        b.iter(|| black_box(plugins.instance(black_box(&task))))
+    });
+}
+
+fn struct_to_json(c: &mut Criterion) {
+    let submission = proto::json::json_to_struct(json!({
+        "answers": {"name": "Ada Lovelace", "phone": "+44 20 7946 0000", "rating": 5, "comment": "quick and painless", "tags": ["a", "b"]},
+        "metadata": {"device": "tablet-7", "locale": "en-GB"},
+    }))
+    .expect("an object");
+    c.bench_function("submission Struct -> JSON text", |b| {
+        b.iter(|| black_box(proto::json::struct_to_json(black_box(&submission)).to_string()))
+    });
+}
+
+criterion_group!(benches, plugin_call, instance_lookup, struct_to_json);
+criterion_main!(benches);
