@@ -155,7 +155,10 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
 
 async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
     let redelivered = delivery.redelivered;
-    let Some(claimed) = with_db(&ctx, "claim", move |r| r.claim(run_id, redelivered)).await else {
+    // One token per delivery: a claim retried after a lost answer is ours.
+    let token = uuid::Uuid::new_v4();
+    let Some(claimed) = with_db(&ctx, "claim", move |r| r.claim(run_id, redelivered, token)).await
+    else {
         return; // shutting down: the broker redelivers
     };
     let Some(claimed) = claimed else {

@@ -403,22 +403,35 @@ impl Registry {
 
     /// Claims a run for execution: only a queued or retrying run, or a
     /// running one whose message RabbitMQ redelivered (its worker died).
-    /// `None` means another delivery already handled it.
-    pub fn claim(&self, run: Uuid, redelivered: bool) -> Result<Option<Claimed>, RegistryError> {
+    /// `token` identifies this delivery: retrying the claim after an
+    /// ambiguous commit finds the claim already ours and takes it again
+    /// without counting another attempt. `None` means another delivery
+    /// already handled the run.
+    pub fn claim(
+        &self,
+        run: Uuid,
+        redelivered: bool,
+        token: Uuid,
+    ) -> Result<Option<Claimed>, RegistryError> {
+        use diesel::dsl::sql;
+        use diesel::sql_types::{Bool, Integer};
         let mut conn = self.conn()?;
-        let claimable = task_runs::state
-            .eq_any(PENDING)
-            .or(task_runs::state
-                .eq("running")
-                .and(diesel::dsl::sql::<diesel::sql_types::Bool>(
-                    if redelivered { "true" } else { "false" },
-                )));
+        let ours = task_runs::claim_token.eq(token);
+        let claimable = task_runs::state.eq_any(PENDING).or(task_runs::state
+            .eq("running")
+            .and(redelivered.into_sql::<Bool>().or(ours.assume_not_null())));
         type ClaimedRow = (Uuid, Uuid, Uuid, i32, i32, Option<DateTime<Utc>>);
         let claimed: Option<ClaimedRow> =
             diesel::update(task_runs::table.find(run).filter(claimable))
                 .set((
                     task_runs::state.eq("running"),
-                    task_runs::attempts.eq(task_runs::attempts + 1),
+                    // A retried claim of our own does not count twice.
+                    task_runs::attempts.eq(sql::<Integer>(
+                        "CASE WHEN claim_token IS NOT DISTINCT FROM ",
+                    )
+                    .bind::<diesel::sql_types::Uuid, _>(token)
+                    .sql(" THEN attempts ELSE attempts + 1 END")),
+                    task_runs::claim_token.eq(token),
                     task_runs::started_at.eq(diesel::dsl::now),
                     task_runs::updated_at.eq(diesel::dsl::now),
                 ))

@@ -40,6 +40,7 @@ diesel::table! {
         finished_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        claim_token -> Nullable<Uuid>,
     }
 }
 

@@ -754,3 +754,51 @@ async fn purge(queue: &str) {
     let _ = channel.close().await;
     let _ = connection.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_retried_after_a_lost_answer_is_still_ours() {
+    let db = TestDb::new();
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "row", "config", json!({}), 3));
+    let registry = db.registry();
+    let accepted = registry
+        .accept(
+            &[proxy::registry::Acceptance {
+                form,
+                submission: Uuid::new_v4(),
+                payload: json!({}),
+                tasks: vec![task],
+            }],
+            Duration::ZERO,
+        )
+        .expect("accepted");
+    let run = accepted[0][0].run_id;
+
+    let token = Uuid::new_v4();
+    let first = registry
+        .claim(run, false, token)
+        .expect("claim")
+        .expect("claimed");
+    // The commit went through but the answer was lost: the same delivery retries.
+    let again = registry
+        .claim(run, false, token)
+        .expect("claim")
+        .expect("still ours");
+    assert_eq!(
+        (first.attempt, again.attempt),
+        (1, 1),
+        "a retried claim does not count twice"
+    );
+    assert!(
+        registry
+            .claim(run, false, Uuid::new_v4())
+            .expect("claim")
+            .is_none(),
+        "a duplicate message finds nothing"
+    );
+    let taken = registry
+        .claim(run, true, Uuid::new_v4())
+        .expect("claim")
+        .expect("a redelivery takes over");
+    assert_eq!(taken.attempt, 2);
+}
