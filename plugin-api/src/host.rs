@@ -14,7 +14,7 @@ use abi_stable::{
 };
 
 use crate::{
-    INTERFACE_VERSION, TaskError, Value,
+    TaskError, Value,
     ffi::{ErrorKind, FfiError, FfiInput, FfiTaskBox, PluginModRef},
 };
 
@@ -237,11 +237,6 @@ impl From<FfiError> for TaskError {
                 .then(|| std::time::Duration::from_millis(err.retry_after_ms)),
         }
     }
-}
-
-/// The plugin-api version of this host.
-pub fn interface_version() -> &'static str {
-    INTERFACE_VERSION
 }
 
 #[cfg(test)]

@@ -71,11 +71,6 @@ impl Executor {
         }
     }
 
-    /// The plugin loader.
-    pub fn plugins(&self) -> &Arc<Plugins> {
-        &self.plugins
-    }
-
     /// Runs `tasks` concurrently on `submission`; results in the same order.
     pub async fn run_all(
         &self,

@@ -139,11 +139,6 @@ impl Plugins {
         })
     }
 
-    /// The plugins directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The current build of `module`, loading it if the file is new or changed.
     /// Blocking: it may copy and load a library.
     pub fn library(&self, module: &str) -> Result<Arc<Loaded>, PluginError> {
