@@ -38,6 +38,13 @@ struct Cli {
     /// A few seconds per scenario, to check the harness works.
     #[arg(long)]
     quick: bool,
+    /// Run only these scenario groups (repeatable): `sync` (1, 2, 3, 6),
+    /// `drain` (5), `accept` (4). The yardsticks always run.
+    #[arg(long, value_enum)]
+    only: Vec<Group>,
+    /// Runs drained in scenario 5 (default 50,000; 2,000 with --quick).
+    #[arg(long)]
+    drain_runs: Option<i64>,
     /// Where the report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -55,6 +62,23 @@ struct Cli {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
+}
+
+/// Scenario groups `--only` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Group {
+    /// Scenarios 1, 2, 3 and 6: the synchronous path.
+    Sync,
+    /// Scenario 5: workers draining accepted runs.
+    Drain,
+    /// Scenario 4: the accept rate.
+    Accept,
+}
+
+impl Cli {
+    fn wants(&self, group: Group) -> bool {
+        self.only.is_empty() || self.only.contains(&group)
+    }
 }
 
 #[derive(Subcommand)]
@@ -346,7 +370,9 @@ impl Env {
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     let seconds = if cli.quick { 2 } else { 10 };
     let duration = Duration::from_secs(seconds);
-    let drain_runs: i64 = if cli.quick { 2_000 } else { 50_000 };
+    let drain_runs: i64 = cli
+        .drain_runs
+        .unwrap_or(if cli.quick { 2_000 } else { 50_000 });
     let id = Uuid::new_v4().simple().to_string();
     let db_name = format!("daisy_bench_{}", &id[..12]);
     let mut admin = PgConnection::establish(&cli.admin_url).context("connecting to PostgreSQL")?;
@@ -449,24 +475,50 @@ async fn scenarios(
     env.attach(one, &[("echo", false)])?;
     env.attach(five, &[("echo", false); 5])?;
     env.attach(mixed, &[("echo", false), ("archive", true)])?;
-    let s1 = load(addr, 32, duration, none).await?;
-    let s2 = load(addr, 32, duration, one).await?;
-    let s3 = load(addr, 32, duration, five).await?;
-    let s6 = load(addr, 1, duration, one).await?;
-    for (name, key, l) in [
-        ("1: no tasks, c=32", "s1_no_tasks_c32", &s1),
-        ("2: one sync echo, c=32", "s2_one_sync_c32", &s2),
-        ("3: five sync echo, c=32", "s3_five_sync_c32", &s3),
-        ("6: one sync echo, c=1", "s6_one_sync_c1", &s6),
-    ] {
-        rows.push((name.into(), line(l)));
-        report.insert(key.into(), l.json());
+    let mut ratios = serde_json::Map::new();
+    let mut targets: Vec<(String, String)> = Vec::new();
+    if cli.wants(Group::Sync) {
+        let s1 = load(addr, 32, duration, none).await?;
+        let s2 = load(addr, 32, duration, one).await?;
+        let s3 = load(addr, 32, duration, five).await?;
+        let s6 = load(addr, 1, duration, one).await?;
+        for (name, key, l) in [
+            ("1: no tasks, c=32", "s1_no_tasks_c32", &s1),
+            ("2: one sync echo, c=32", "s2_one_sync_c32", &s2),
+            ("3: five sync echo, c=32", "s3_five_sync_c32", &s3),
+            ("6: one sync echo, c=1", "s6_one_sync_c1", &s6),
+        ] {
+            rows.push((name.into(), line(l)));
+            report.insert(key.into(), l.json());
+        }
+        let s2_vs_bare = s2.throughput() / bare32.throughput();
+        let s6_overhead = s6.us(0.5) as i64 - bare1.us(0.5) as i64;
+        ratios.insert("s2_throughput_vs_bare".into(), json!(s2_vs_bare));
+        ratios.insert("s2_p99_us".into(), json!(s2.us(0.99)));
+        ratios.insert("s6_p50_overhead_us".into(), json!(s6_overhead));
+        targets.push((
+            "2 vs bare throughput (target >= 60%)".into(),
+            format!("{:>9.0}%", 100.0 * s2_vs_bare),
+        ));
+        targets.push((
+            "2 p99 (target < 3000 µs)".into(),
+            format!("{:>9} µs", s2.us(0.99)),
+        ));
+        targets.push((
+            "6 p50 overhead over bare (target < 100 µs)".into(),
+            format!("{s6_overhead:>9} µs"),
+        ));
     }
 
     // Scenario 5 (before 4, so the queue holds only its own runs): drain runs
     // already accepted, with 1 and with 2 workers.
     let mut workers_rss = None;
-    for workers in [1usize, 2] {
+    let drains: &[usize] = if cli.wants(Group::Drain) {
+        &[1, 2]
+    } else {
+        &[]
+    };
+    for &workers in drains {
         let form = Uuid::new_v4();
         env.attach(form, &[("drain", true)])?;
         env.sql(&format!(
@@ -506,35 +558,23 @@ async fn scenarios(
         report.insert(format!("s5_drain_{workers}_workers_per_s"), json!(rate));
     }
     // Scenario 4: the accept rate (outbox commit and publish); nobody consumes.
-    let s4 = load(addr, 32, duration, mixed).await?;
-    let serve_rss = serve.peak_rss_kib();
-    rows.push(("4: sync + async, c=32".into(), line(&s4)));
-    report.insert("s4_sync_async_c32".into(), s4.json());
-    report.insert(
-        "ratios".into(),
-        json!({
-            "s2_throughput_vs_bare": s2.throughput() / bare32.throughput(),
-            "s2_p99_us": s2.us(0.99),
-            "s6_p50_overhead_us": s6.us(0.5) as i64 - bare1.us(0.5) as i64,
-            "s4_accept_vs_pg_inserts": s4.throughput() / pg,
-        }),
-    );
-    rows.push((
-        "2 vs bare throughput (target >= 60%)".into(),
-        format!("{:>9.0}%", 100.0 * s2.throughput() / bare32.throughput()),
-    ));
-    rows.push((
-        "2 p99 (target < 3000 µs)".into(),
-        format!("{:>9} µs", s2.us(0.99)),
-    ));
-    rows.push((
-        "6 p50 overhead over bare (target < 100 µs)".into(),
-        format!("{:>9} µs", s6.us(0.5) as i64 - bare1.us(0.5) as i64),
-    ));
-    rows.push((
-        "4 accept rate vs PG inserts (target >= 50%)".into(),
-        format!("{:>9.0}%", 100.0 * s4.throughput() / pg),
-    ));
+    let mut serve_rss = None;
+    if cli.wants(Group::Accept) {
+        let s4 = load(addr, 32, duration, mixed).await?;
+        serve_rss = serve.peak_rss_kib();
+        rows.push(("4: sync + async, c=32".into(), line(&s4)));
+        report.insert("s4_sync_async_c32".into(), s4.json());
+        ratios.insert(
+            "s4_accept_vs_pg_inserts".into(),
+            json!(s4.throughput() / pg),
+        );
+        targets.push((
+            "4 accept rate vs PG inserts (target >= 50%)".into(),
+            format!("{:>9.0}%", 100.0 * s4.throughput() / pg),
+        ));
+    }
+    report.insert("ratios".into(), Value::Object(ratios));
+    rows.extend(targets);
     drop(serve);
     rows.push((
         "peak RSS daisy serve (after 4)".into(),

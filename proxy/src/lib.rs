@@ -10,8 +10,10 @@
 //! - [`registry`]: PostgreSQL (diesel); the only module that talks diesel.
 //! - [`executor`]: runs tasks on the blocking pool under their timeouts.
 //! - [`plugins`]: finds, loads and caches plugin libraries and task instances.
+//! - [`batch`]: group commit of concurrent callers' database writes.
 //! - [`error`]: the error types.
 
+pub mod batch;
 pub mod catalog;
 pub mod error;
 pub mod executor;

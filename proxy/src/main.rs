@@ -136,9 +136,14 @@ struct WorkerArgs {
     queue: QueueArgs,
     #[command(flatten)]
     plugins: PluginsArgs,
-    /// Deliveries held (and runs executed) at once.
-    #[arg(long, env = "DAISY_PREFETCH", default_value_t = 16)]
+    /// Deliveries held at once; their claims and outcomes are written in
+    /// batches, so more in flight means fewer database round trips per run.
+    #[arg(long, env = "DAISY_PREFETCH", default_value_t = 256)]
     prefetch: u16,
+    /// How many runs may execute at once (the rest of the prefetched
+    /// deliveries wait their turn).
+    #[arg(long, env = "DAISY_MAX_CONCURRENT_TASKS", default_value_t = 64)]
+    max_concurrent_tasks: usize,
     /// Delay before the first retry, in milliseconds; doubles per attempt.
     #[arg(long, env = "DAISY_RETRY_BASE_MS", default_value_t = 1000)]
     retry_base_ms: u64,
@@ -327,6 +332,7 @@ fn try_main() -> anyhow::Result<()> {
                 queue: args.queue.config(),
                 plugins_dir: args.plugins.plugins_dir,
                 prefetch: args.prefetch,
+                max_concurrent_tasks: args.max_concurrent_tasks,
                 retry_base: Duration::from_millis(args.retry_base_ms),
                 retry_max: Duration::from_millis(args.retry_max_ms),
                 name: args.name.unwrap_or_else(|| {

@@ -11,74 +11,50 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::{
+    batch::Batcher,
     error::RegistryError,
     queue::{Backoff, Publisher},
     registry::{Acceptance, Accepted, Registry, SyncRun},
 };
 
-type AcceptReply = oneshot::Sender<Result<Vec<Accepted>, Arc<RegistryError>>>;
-
 /// Group commit for the outbox: concurrent `Process` calls hand their
 /// asynchronous runs to a few writers, each writing whatever has piled up
-/// (up to 256 submissions) in one transaction. Under load this turns one
-/// transaction per call into one per batch, and callers wait in line here
-/// instead of timing out on an exhausted connection pool.
+/// (up to 256 submissions) in one transaction.
 #[derive(Debug, Clone)]
 pub struct Acceptor {
-    tx: mpsc::Sender<(Acceptance, AcceptReply)>,
+    batcher: Batcher<Acceptance, Result<Vec<Accepted>, Arc<RegistryError>>>,
 }
 
 impl Acceptor {
     /// Starts `writers` writers; they stop when every `Acceptor` is dropped.
     pub fn start(registry: Registry, grace: Duration, writers: usize) -> Acceptor {
-        let (tx, rx) = mpsc::channel::<(Acceptance, AcceptReply)>(4096);
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            let (registry, rx) = (registry.clone(), rx.clone());
-            tokio::spawn(async move {
-                let mut batch = Vec::with_capacity(256);
-                loop {
-                    if rx.lock().await.recv_many(&mut batch, 256).await == 0 {
-                        return;
-                    }
-                    let (requests, replies): (Vec<_>, Vec<_>) =
-                        std::mem::take(&mut batch).into_iter().unzip();
-                    let registry = registry.clone();
-                    let written =
-                        tokio::task::spawn_blocking(move || registry.accept(&requests, grace))
-                            .await
-                            .expect("outbox write panicked");
-                    match written {
-                        Ok(accepted) => {
-                            for (reply, runs) in replies.into_iter().zip(accepted) {
-                                let _ = reply.send(Ok(runs));
-                            }
-                        }
-                        Err(err) => {
-                            let err = Arc::new(err);
-                            for reply in replies {
-                                let _ = reply.send(Err(err.clone()));
-                            }
-                        }
-                    }
+        let batcher = Batcher::start(writers, 256, move |requests: Vec<Acceptance>| {
+            let registry = registry.clone();
+            async move {
+                let n = requests.len();
+                let written =
+                    tokio::task::spawn_blocking(move || registry.accept(&requests, grace))
+                        .await
+                        .expect("outbox write panicked");
+                match written {
+                    Ok(accepted) => accepted.into_iter().map(Ok).collect(),
+                    Err(err) => vec![Err(Arc::new(err)); n],
                 }
-            });
-        }
-        Acceptor { tx }
+            }
+        });
+        Acceptor { batcher }
     }
 
     /// Commits one submission's runs (with whatever else is waiting).
     pub async fn accept(&self, request: Acceptance) -> Result<Vec<Accepted>, Arc<RegistryError>> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send((request, reply))
+        self.batcher
+            .call(request)
             .await
-            .expect("outbox writers live as long as the service");
-        answer.await.expect("outbox writers always reply")
+            .expect("outbox writers live as long as the service and always reply")
     }
 }
 

@@ -467,16 +467,109 @@ pub struct Delivery {
     /// The raw body, for logs.
     pub body: String,
     tag: u64,
-    channel: Channel,
+    acks: Arc<Acks>,
 }
 
 impl Delivery {
-    /// Acknowledges the message: it is done with.
-    pub async fn ack(&self) -> Result<(), QueueError> {
-        self.channel
-            .basic_ack(BasicAckArguments::new(self.tag, false))
-            .await
-            .map_err(op)
+    /// Acknowledges the message: it is done with. Acks are sent in the
+    /// background, many per frame; one lost with the connection only means
+    /// a redelivery, which the run's claim makes harmless.
+    pub fn ack(&self) {
+        self.acks.done(self.tag);
+    }
+}
+
+/// The acks of one consumer channel, sent in batches: whatever completed
+/// while the previous batch was written goes out together, as one
+/// `multiple` ack for the longest completed run of tags from the oldest
+/// unacked delivery, plus single acks for completions beyond a gap (a slow
+/// run never holds back its neighbours' acks, and so the prefetch window).
+struct Acks {
+    state: Mutex<AckState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// Delivered and not yet acked.
+    outstanding: std::collections::BTreeSet<u64>,
+    /// Completed and not yet acked.
+    done: Vec<u64>,
+    closed: bool,
+}
+
+impl Acks {
+    fn new() -> Self {
+        Acks {
+            state: Mutex::new(AckState::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn delivered(&self, tag: u64) {
+        self.state
+            .lock()
+            .expect("ack lock poisoned")
+            .outstanding
+            .insert(tag);
+    }
+
+    fn done(&self, tag: u64) {
+        self.state.lock().expect("ack lock poisoned").done.push(tag);
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("ack lock poisoned").closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Which acks to send now: `(tag, multiple)` pairs.
+    fn take(&self) -> (Vec<(u64, bool)>, bool) {
+        let mut state = self.state.lock().expect("ack lock poisoned");
+        let mut done = std::mem::take(&mut state.done);
+        done.sort_unstable();
+        let mut acks = Vec::new();
+        // The prefix of outstanding tags that all completed: one multiple ack.
+        let mut prefix_end = None;
+        let mut i = 0;
+        while let Some(&oldest) = state.outstanding.first() {
+            if done.get(i) != Some(&oldest) {
+                break;
+            }
+            state.outstanding.pop_first();
+            prefix_end = Some(oldest);
+            i += 1;
+        }
+        if let Some(tag) = prefix_end {
+            acks.push((tag, true));
+        }
+        for &tag in &done[i..] {
+            if state.outstanding.remove(&tag) {
+                acks.push((tag, false));
+            }
+        }
+        (acks, state.closed)
+    }
+
+    /// Sends acks as deliveries complete, until closed and drained.
+    async fn run(self: Arc<Self>, channel: Channel) {
+        loop {
+            self.wake.notified().await;
+            let (acks, closed) = self.take();
+            for (tag, multiple) in acks {
+                if let Err(err) = channel
+                    .basic_ack(BasicAckArguments::new(tag, multiple))
+                    .await
+                {
+                    // The broker will redeliver; the claim makes that harmless.
+                    tracing::warn!(error = %err, "ack failed");
+                }
+            }
+            if closed {
+                return;
+            }
+        }
     }
 }
 
@@ -532,6 +625,8 @@ pub async fn consume<F, Fut>(
         // The receiver ends when the channel or connection closes.
         let io = connection.clone();
         let (lost_tx, mut lost) = oneshot::channel::<()>();
+        let acks = Arc::new(Acks::new());
+        let acker = tokio::spawn(acks.clone().run(channel.clone()));
         tokio::spawn(async move {
             io.listen_network_io_failure().await;
             let _ = lost_tx.send(());
@@ -552,8 +647,9 @@ pub async fn consume<F, Fut>(
                 redelivered: deliver.redelivered(),
                 body,
                 tag: deliver.delivery_tag(),
-                channel: channel.clone(),
+                acks: acks.clone(),
             };
+            acks.delivered(delivery.tag);
             let slot = slots
                 .clone()
                 .acquire_owned()
@@ -571,10 +667,39 @@ pub async fn consume<F, Fut>(
             .await
             .expect("the slots semaphore is never closed");
         drop(_all);
+        acks.close();
+        let _ = acker.await;
         if !*shutdown.borrow() {
             tracing::warn!(queue, "lost the RabbitMQ consumer; reconnecting");
         }
         let _ = channel.close().await;
         let _ = connection.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_cover_the_completed_prefix_at_once_and_never_wait_on_a_gap() {
+        let acks = Acks::new();
+        for tag in 1..=6 {
+            acks.delivered(tag);
+        }
+        // 1, 2 and 4, 5 done; 3 still running.
+        for tag in [2, 1, 5, 4] {
+            acks.done(tag);
+        }
+        assert_eq!(
+            acks.take(),
+            (vec![(2, true), (4, false), (5, false)], false),
+            "one multiple ack up to the gap, single acks beyond it"
+        );
+        acks.done(3);
+        assert_eq!(acks.take(), (vec![(3, true)], false));
+        acks.done(6);
+        acks.close();
+        assert_eq!(acks.take(), (vec![(6, true)], true), "nothing acked twice");
     }
 }

@@ -3,7 +3,9 @@
 //! For each delivery: claim the run in PostgreSQL with a conditional update
 //! (no row means another delivery already handled it: ack and skip), run the
 //! task through the same plugin loader and executor as the proxy, store the
-//! outcome, then ack. A crash anywhere before the ack makes RabbitMQ
+//! outcome, then ack. Claims and outcomes of the deliveries in flight are
+//! written in batches (one statement each), so a worker's database round
+//! trips do not grow with its throughput. A crash anywhere before the ack makes RabbitMQ
 //! redeliver, and the claim accepts a redelivered run that was left
 //! `running`, so the run completes on another worker. Database errors are
 //! retried with backoff before the ack, so nothing is lost while PostgreSQL
@@ -15,12 +17,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::{
+    batch::Batcher,
     catalog::Catalog,
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
     plugins::Plugins,
     queue::{self, Backoff, Delivery, QueueConfig},
-    registry::{Claimed, DbConfig, DeadLetter, Finish, Registry},
+    registry::{ClaimRequest, Claimed, DbConfig, DeadLetter, Finish, Registry},
 };
 
 /// Everything `daisy worker` needs.
@@ -32,8 +35,10 @@ pub struct WorkerConfig {
     pub queue: QueueConfig,
     /// Where plugin libraries live.
     pub plugins_dir: std::path::PathBuf,
-    /// Unacknowledged deliveries held at once (and so runs in flight).
+    /// Unacknowledged deliveries held at once.
     pub prefetch: u16,
+    /// Runs executed at once.
+    pub max_concurrent_tasks: usize,
     /// First retry delay; doubles per attempt (±25% jitter).
     pub retry_base: Duration,
     /// Longest retry delay.
@@ -42,8 +47,17 @@ pub struct WorkerConfig {
     pub name: String,
 }
 
+/// Runs claimed or finished per database statement, at most.
+const BATCH: usize = 256;
+
 struct Context {
     registry: Registry,
+    /// One per run executing; taken before the claim, so a run is `running`
+    /// only while it really executes (a prefetched delivery waiting its
+    /// turn is not, and is not blamed if a neighbour kills the worker).
+    executing: Arc<tokio::sync::Semaphore>,
+    claims: Batcher<ClaimRequest, Option<Claimed>>,
+    finishes: Batcher<(Claimed, Finish), ()>,
     catalog: Catalog,
     executor: Executor,
     config: WorkerConfig,
@@ -66,14 +80,49 @@ pub async fn run(
             }
         }
     });
-    let executor = Executor::new(plugins, usize::from(config.prefetch.max(1)));
+    let executor = Executor::new(plugins, config.max_concurrent_tasks.max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let claims = Batcher::start(2, BATCH, {
+        let (registry, stop) = (registry.clone(), stop_rx.clone());
+        move |requests: Vec<ClaimRequest>| {
+            let (registry, stop) = (registry.clone(), stop.clone());
+            async move {
+                let requests = Arc::new(requests);
+                with_db(&registry, &stop, "claim", move |r| r.claim(&requests))
+                    .await
+                    .unwrap_or_default()
+            }
+        }
+    });
+    let finishes = Batcher::start(2, BATCH, {
+        let (registry, stop, worker) = (registry.clone(), stop_rx.clone(), config.name.clone());
+        move |finished: Vec<(Claimed, Finish)>| {
+            let (registry, stop, worker) = (registry.clone(), stop.clone(), worker.clone());
+            async move {
+                let n = finished.len();
+                let finished = Arc::new(finished);
+                match with_db(&registry, &stop, "finish", move |r| {
+                    r.finish(&worker, &finished)
+                })
+                .await
+                {
+                    Some(()) => vec![(); n],
+                    None => Vec::new(),
+                }
+            }
+        }
+    });
     let ctx = Arc::new(Context {
         registry,
+        executing: Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_tasks.max(1),
+        )),
+        claims,
+        finishes,
         catalog,
         executor,
         config: config.clone(),
@@ -110,14 +159,15 @@ pub async fn run(
 /// Retries a registry operation with backoff until it succeeds; `None` if
 /// the worker is shutting down meanwhile.
 async fn with_db<T: Send + 'static>(
-    ctx: &Context,
+    registry: &Registry,
+    shutdown: &watch::Receiver<bool>,
     what: &'static str,
     op: impl Fn(&Registry) -> Result<T, RegistryError> + Send + Sync + 'static,
 ) -> Option<T> {
     let op = Arc::new(op);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let registry = ctx.registry.clone();
+        let registry = registry.clone();
         let op = op.clone();
         match tokio::task::spawn_blocking(move || op(&registry)).await {
             Ok(Ok(value)) => return Some(value),
@@ -128,24 +178,17 @@ async fn with_db<T: Send + 'static>(
                 tracing::error!(error = %join, operation = what, "database operation panicked")
             }
         }
-        if *ctx.shutdown.borrow() {
+        if *shutdown.borrow() {
             return None;
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
-async fn ack(delivery: &Delivery) {
-    if let Err(err) = delivery.ack().await {
-        // The broker will redeliver; the claim makes that harmless.
-        tracing::warn!(error = %err, "ack failed");
-    }
-}
-
 async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     let Some(run_id) = delivery.run_id else {
         tracing::warn!(body = %delivery.body, "dropping a message that is not a run id");
-        ack(&delivery).await;
+        delivery.ack();
         return;
     };
     let span =
@@ -154,42 +197,45 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
 }
 
 async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
+    let _executing = ctx
+        .executing
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the executing semaphore is never closed");
     let redelivered = delivery.redelivered;
     // One token per delivery: a claim retried after a lost answer is ours.
     let token = uuid::Uuid::new_v4();
-    let Some(claimed) = with_db(&ctx, "claim", move |r| r.claim(run_id, redelivered, token)).await
-    else {
+    let request = ClaimRequest {
+        run: run_id,
+        redelivered,
+        token,
+    };
+    let Some(claimed) = ctx.claims.call(request).await else {
         return; // shutting down: the broker redelivers
     };
     let Some(claimed) = claimed else {
         tracing::debug!(run.id = %run_id, "already handled by another delivery");
-        ack(&delivery).await;
+        delivery.ack();
         return;
     };
     let finish = execute(&ctx, &claimed).await;
-    let worker = ctx.config.name.clone();
-    let stored = {
-        let (claimed, finish) = (claimed.clone(), finish.clone());
-        with_db(&ctx, "finish", move |r| {
-            r.finish(&claimed, &worker, &finish)
-        })
-        .await
-    };
-    if stored.is_none() {
+    let attempt = claimed.attempt;
+    if ctx.finishes.call((claimed, finish.clone())).await.is_none() {
         return;
     }
     match &finish {
         Finish::Succeeded(_) => {
-            tracing::info!(run.id = %run_id, attempt = claimed.attempt, "run succeeded")
+            tracing::info!(run.id = %run_id, attempt, "run succeeded")
         }
         Finish::Retry { error, after } => {
-            tracing::warn!(run.id = %run_id, attempt = claimed.attempt, error = %error, retry_in_ms = after.as_millis() as u64, "run failed; will retry")
+            tracing::warn!(run.id = %run_id, attempt, error = %error, retry_in_ms = after.as_millis() as u64, "run failed; will retry")
         }
         Finish::Dead { error } => {
-            tracing::error!(run.id = %run_id, attempt = claimed.attempt, error = %error, "run is dead")
+            tracing::error!(run.id = %run_id, attempt, error = %error, "run is dead")
         }
     }
-    ack(&delivery).await;
+    delivery.ack();
 }
 
 /// Runs the claimed execution and decides what becomes of the run.
@@ -271,14 +317,14 @@ pub fn retry_delay(config: &WorkerConfig, attempt: i32) -> Duration {
 
 async fn handle_dead_letter(ctx: Arc<Context>, delivery: Delivery) {
     let Some(run_id) = delivery.run_id else {
-        ack(&delivery).await;
+        delivery.ack();
         return;
     };
     let reason = format!(
         "delivery limit reached: the worker died {} times while running it (see the worker logs)",
         ctx.config.queue.delivery_limit
     );
-    let Some(result) = with_db(&ctx, "dead letter", move |r| {
+    let Some(result) = with_db(&ctx.registry, &ctx.shutdown, "dead letter", move |r| {
         r.dead_lettered(run_id, &reason)
     })
     .await
@@ -294,5 +340,5 @@ async fn handle_dead_letter(ctx: Arc<Context>, delivery: Delivery) {
         }
         DeadLetter::Ignored => {}
     }
-    ack(&delivery).await;
+    delivery.ack();
 }

@@ -185,6 +185,40 @@ pub struct Claimed {
     pub started_at: DateTime<Utc>,
 }
 
+/// A delivery's request to claim its run.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest {
+    /// The run in the message.
+    pub run: Uuid,
+    /// Whether RabbitMQ delivered the message before.
+    pub redelivered: bool,
+    /// Identifies the delivery (see [`Registry::claim`]).
+    pub token: Uuid,
+}
+
+/// A row returned by the claim statement.
+#[derive(QueryableByName)]
+struct ClaimedRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    token: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    run_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    task_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    form_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    submission_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    payload: serde_json::Value,
+    #[diesel(sql_type = diesel::sql_types::Int4)]
+    attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Int4)]
+    max_attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    started_at: Option<DateTime<Utc>>,
+}
+
 /// One execution of a run: (attempt, started, finished, outcome).
 pub type Attempt = (i32, DateTime<Utc>, DateTime<Utc>, String);
 
@@ -401,136 +435,121 @@ impl Registry {
         Ok(())
     }
 
-    /// Claims a run for execution: only a queued or retrying run, or a
-    /// running one whose message RabbitMQ redelivered (its worker died).
-    /// `token` identifies this delivery: retrying the claim after an
-    /// ambiguous commit finds the claim already ours and takes it again
-    /// without counting another attempt. `None` means another delivery
-    /// already handled the run.
-    pub fn claim(
-        &self,
-        run: Uuid,
-        redelivered: bool,
-        token: Uuid,
-    ) -> Result<Option<Claimed>, RegistryError> {
-        use diesel::dsl::sql;
-        use diesel::sql_types::{Bool, Integer};
+    /// Claims runs for execution, one statement for the whole batch: only a
+    /// queued or retrying run, or a running one whose message RabbitMQ
+    /// redelivered (its worker died). Each request's `token` identifies its
+    /// delivery: retrying a claim after an ambiguous commit finds the claim
+    /// already ours and takes it again without counting another attempt.
+    /// Returns one answer per request, in order; `None` means another
+    /// delivery already handled the run (or holds it).
+    pub fn claim(&self, requests: &[ClaimRequest]) -> Result<Vec<Option<Claimed>>, RegistryError> {
+        use diesel::sql_types::{Array, Bool, Uuid as SqlUuid};
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut conn = self.conn()?;
-        let ours = task_runs::claim_token.eq(token);
-        let claimable = task_runs::state.eq_any(PENDING).or(task_runs::state
-            .eq("running")
-            .and(redelivered.into_sql::<Bool>().or(ours.assume_not_null())));
-        type ClaimedRow = (Uuid, Uuid, Uuid, i32, i32, Option<DateTime<Utc>>);
-        let claimed: Option<ClaimedRow> =
-            diesel::update(task_runs::table.find(run).filter(claimable))
-                .set((
-                    task_runs::state.eq("running"),
-                    // A retried claim of our own does not count twice.
-                    task_runs::attempts.eq(sql::<Integer>(
-                        "CASE WHEN claim_token IS NOT DISTINCT FROM ",
-                    )
-                    .bind::<diesel::sql_types::Uuid, _>(token)
-                    .sql(" THEN attempts ELSE attempts + 1 END")),
-                    task_runs::claim_token.eq(token),
-                    task_runs::started_at.eq(diesel::dsl::now),
-                    task_runs::updated_at.eq(diesel::dsl::now),
-                ))
-                .returning((
-                    task_runs::task_id,
-                    task_runs::form_id,
-                    task_runs::submission_id,
-                    task_runs::attempts,
-                    task_runs::max_attempts,
-                    task_runs::started_at,
-                ))
-                .get_result(&mut conn)
-                .optional()?;
-        let Some((task_id, form_id, submission_id, attempt, max_attempts, started_at)) = claimed
-        else {
-            return Ok(None);
-        };
-        let payload = submissions::table
-            .find(submission_id)
-            .select(submissions::payload)
-            .first(&mut conn)?;
-        Ok(Some(Claimed {
-            run_id: run,
-            task_id,
-            form_id,
-            submission_id,
-            payload,
-            attempt,
-            max_attempts,
-            started_at: started_at.unwrap_or_else(Utc::now),
-        }))
+        let rows: Vec<ClaimedRow> = diesel::sql_query(
+            "UPDATE task_runs t SET \
+                 state = 'running', \
+                 attempts = CASE WHEN t.claim_token IS NOT DISTINCT FROM i.token \
+                            THEN t.attempts ELSE t.attempts + 1 END, \
+                 claim_token = i.token, started_at = now(), updated_at = now() \
+             FROM unnest($1, $2, $3) AS i(id, redelivered, token), submissions s \
+             WHERE t.id = i.id AND s.id = t.submission_id \
+               AND (t.state IN ('queued', 'retrying') \
+                    OR (t.state = 'running' AND (i.redelivered OR t.claim_token = i.token))) \
+             RETURNING i.token, t.id AS run_id, t.task_id, t.form_id, t.submission_id, \
+                       s.payload, t.attempts, t.max_attempts, t.started_at",
+        )
+        .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.run).collect::<Vec<_>>())
+        .bind::<Array<Bool>, _>(requests.iter().map(|r| r.redelivered).collect::<Vec<_>>())
+        .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.token).collect::<Vec<_>>())
+        .load(&mut conn)?;
+        let mut by_token: std::collections::HashMap<Uuid, ClaimedRow> =
+            rows.into_iter().map(|row| (row.token, row)).collect();
+        Ok(requests
+            .iter()
+            .map(|r| {
+                by_token.remove(&r.token).map(|row| Claimed {
+                    run_id: row.run_id,
+                    task_id: row.task_id,
+                    form_id: row.form_id,
+                    submission_id: row.submission_id,
+                    payload: row.payload,
+                    attempt: row.attempts,
+                    max_attempts: row.max_attempts,
+                    started_at: row.started_at.unwrap_or_else(Utc::now),
+                })
+            })
+            .collect())
     }
 
-    /// Stores how execution `claimed.attempt` ended, if the run is still
-    /// this execution's (a redelivery may have taken it over), and logs the attempt.
+    /// Stores how each execution ended, if the run is still that execution's
+    /// (a redelivery may have taken it over), and logs the attempts: one
+    /// statement for the whole batch.
     pub fn finish(
         &self,
-        claimed: &Claimed,
         worker: &str,
-        finish: &Finish,
+        finished: &[(Claimed, Finish)],
     ) -> Result<(), RegistryError> {
-        let mut conn = self.conn()?;
-        conn.transaction(|conn| {
-            let mine = task_runs::table
-                .find(claimed.run_id)
-                .filter(task_runs::state.eq("running"))
-                .filter(task_runs::attempts.eq(claimed.attempt));
-            let (outcome, error) = match finish {
-                Finish::Succeeded(output) => {
-                    diesel::update(mine)
-                        .set((
-                            task_runs::state.eq("succeeded"),
-                            task_runs::output.eq(output),
-                            task_runs::last_error.eq(None::<String>),
-                            task_runs::finished_at.eq(diesel::dsl::now),
-                            task_runs::updated_at.eq(diesel::dsl::now),
-                        ))
-                        .execute(conn)?;
-                    ("succeeded", None)
-                }
-                Finish::Retry { error, after } => {
-                    let at = Utc::now() + chrono::Duration::from_std(*after).unwrap_or_default();
-                    diesel::update(mine)
-                        .set((
-                            task_runs::state.eq("retrying"),
-                            task_runs::last_error.eq(error),
-                            task_runs::next_attempt_at.eq(at),
-                            task_runs::published_at.eq(None::<DateTime<Utc>>),
-                            task_runs::updated_at.eq(diesel::dsl::now),
-                        ))
-                        .execute(conn)?;
-                    ("retrying", Some(error))
-                }
-                Finish::Dead { error } => {
-                    diesel::update(mine)
-                        .set((
-                            task_runs::state.eq("dead"),
-                            task_runs::last_error.eq(error),
-                            task_runs::finished_at.eq(diesel::dsl::now),
-                            task_runs::updated_at.eq(diesel::dsl::now),
-                        ))
-                        .execute(conn)?;
-                    ("dead", Some(error))
-                }
+        use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let mut ids = Vec::with_capacity(finished.len());
+        let mut attempts = Vec::with_capacity(finished.len());
+        let mut states = Vec::with_capacity(finished.len());
+        let mut outputs = Vec::with_capacity(finished.len());
+        let mut errors = Vec::with_capacity(finished.len());
+        let mut next_at = Vec::with_capacity(finished.len());
+        let mut started = Vec::with_capacity(finished.len());
+        for (claimed, finish) in finished {
+            ids.push(claimed.run_id);
+            attempts.push(claimed.attempt);
+            started.push(claimed.started_at);
+            let (state, output, error, at) = match finish {
+                Finish::Succeeded(output) => ("succeeded", Some(output), None, None),
+                Finish::Retry { error, after } => (
+                    "retrying",
+                    None,
+                    Some(error.as_str()),
+                    Some(now + chrono::Duration::from_std(*after).unwrap_or_default()),
+                ),
+                Finish::Dead { error } => ("dead", None, Some(error.as_str()), None),
             };
-            diesel::insert_into(task_run_attempts::table)
-                .values((
-                    task_run_attempts::run_id.eq(claimed.run_id),
-                    task_run_attempts::attempt.eq(claimed.attempt),
-                    task_run_attempts::worker.eq(worker),
-                    task_run_attempts::started_at.eq(claimed.started_at),
-                    task_run_attempts::finished_at.eq(diesel::dsl::now),
-                    task_run_attempts::outcome.eq(outcome),
-                    task_run_attempts::error.eq(error),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)?;
-            Ok(())
-        })
+            states.push(state);
+            outputs.push(output);
+            errors.push(error);
+            next_at.push(at);
+        }
+        let mut conn = self.conn()?;
+        diesel::sql_query(
+            "WITH i AS (SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7) \
+                        AS i(id, attempt, state, output, error, next_at, started_at)), \
+             stored AS (UPDATE task_runs t SET \
+                 state = i.state, \
+                 output = CASE WHEN i.state = 'succeeded' THEN i.output ELSE t.output END, \
+                 last_error = i.error, \
+                 next_attempt_at = COALESCE(i.next_at, t.next_attempt_at), \
+                 published_at = CASE WHEN i.state = 'retrying' THEN NULL ELSE t.published_at END, \
+                 finished_at = CASE WHEN i.state = 'retrying' THEN t.finished_at ELSE now() END, \
+                 updated_at = now() \
+               FROM i WHERE t.id = i.id AND t.state = 'running' AND t.attempts = i.attempt) \
+             INSERT INTO task_run_attempts (run_id, attempt, worker, started_at, finished_at, outcome, error) \
+             SELECT id, attempt, $8, started_at, now(), state, error FROM i \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<Int4>, _>(attempts)
+        .bind::<Array<Text>, _>(states)
+        .bind::<Array<Nullable<Jsonb>>, _>(outputs)
+        .bind::<Array<Nullable<Text>>, _>(errors)
+        .bind::<Array<Nullable<Timestamptz>>, _>(next_at)
+        .bind::<Array<Timestamptz>, _>(started)
+        .bind::<Text, _>(worker)
+        .execute(&mut conn)?;
+        Ok(())
     }
 
     /// Handles a dead-lettered message (the queue's delivery limit was

@@ -8,7 +8,7 @@ use std::{
 };
 
 use proto::v1::{GetRunsRequest, Outcome, RunState};
-use proxy::registry::NewTask;
+use proxy::registry::{ClaimRequest, Finish, NewTask};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -775,30 +775,150 @@ async fn a_claim_retried_after_a_lost_answer_is_still_ours() {
     let run = accepted[0][0].run_id;
 
     let token = Uuid::new_v4();
-    let first = registry
-        .claim(run, false, token)
-        .expect("claim")
-        .expect("claimed");
+    let first = claim_one(&registry, run, false, token).expect("claimed");
     // The commit went through but the answer was lost: the same delivery retries.
-    let again = registry
-        .claim(run, false, token)
-        .expect("claim")
-        .expect("still ours");
+    let again = claim_one(&registry, run, false, token).expect("still ours");
     assert_eq!(
         (first.attempt, again.attempt),
         (1, 1),
         "a retried claim does not count twice"
     );
     assert!(
-        registry
-            .claim(run, false, Uuid::new_v4())
-            .expect("claim")
-            .is_none(),
+        claim_one(&registry, run, false, Uuid::new_v4()).is_none(),
         "a duplicate message finds nothing"
     );
-    let taken = registry
-        .claim(run, true, Uuid::new_v4())
-        .expect("claim")
-        .expect("a redelivery takes over");
+    let taken = claim_one(&registry, run, true, Uuid::new_v4()).expect("a redelivery takes over");
     assert_eq!(taken.attempt, 2);
+}
+
+fn claim_one(
+    registry: &proxy::registry::Registry,
+    run: Uuid,
+    redelivered: bool,
+    token: Uuid,
+) -> Option<proxy::registry::Claimed> {
+    let mut claimed = registry
+        .claim(&[ClaimRequest {
+            run,
+            redelivered,
+            token,
+        }])
+        .expect("claim");
+    assert_eq!(claimed.len(), 1, "one answer per request");
+    claimed.pop().expect("one answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_outcomes_are_stored_in_batches_with_one_answer_per_delivery() {
+    let db = TestDb::new();
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "row", "config", json!({}), 3));
+    let registry = db.registry();
+    let requests: Vec<_> = (0..4)
+        .map(|n| proxy::registry::Acceptance {
+            form,
+            submission: Uuid::new_v4(),
+            payload: json!({ "answers": { "n": n } }),
+            tasks: vec![task.clone()],
+        })
+        .collect();
+    let runs: Vec<Uuid> = registry
+        .accept(&requests, Duration::ZERO)
+        .expect("accepted")
+        .iter()
+        .map(|r| r[0].run_id)
+        .collect();
+    // runs[3] already finished: its duplicate message must find nothing.
+    let done = claim_one(&registry, runs[3], false, Uuid::new_v4()).expect("claimed");
+    registry
+        .finish("w", &[(done, Finish::Succeeded(json!("earlier")))])
+        .expect("finished");
+
+    // One batch: three fresh runs, the same run delivered twice, the finished one.
+    let request = |run, token| ClaimRequest {
+        run,
+        redelivered: false,
+        token,
+    };
+    let tokens: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let batch = [
+        request(runs[0], tokens[0]),
+        request(runs[1], tokens[1]),
+        request(runs[1], tokens[2]),
+        request(runs[2], tokens[3]),
+        request(runs[3], tokens[4]),
+    ];
+    let claimed = registry.claim(&batch).expect("claim");
+    assert_eq!(claimed.len(), 5, "one answer per request, in order");
+    let first = claimed[0].clone().expect("runs[0] claimed");
+    assert_eq!((first.run_id, first.attempt), (runs[0], 1));
+    assert_eq!(first.payload, json!({ "answers": { "n": 0 } }));
+    assert_eq!(
+        usize::from(claimed[1].is_some()) + usize::from(claimed[2].is_some()),
+        1,
+        "exactly one of two deliveries of the same run claims it"
+    );
+    assert!(claimed[4].is_none(), "a finished run is not claimed again");
+
+    // One batch of outcomes, plus a stale one (an execution a redelivery took over).
+    let second = claimed[1].clone().or(claimed[2].clone()).expect("runs[1]");
+    let third = claimed[3].clone().expect("runs[2] claimed");
+    let mut stale = third.clone();
+    stale.attempt = 7;
+    registry
+        .finish(
+            "w",
+            &[
+                (first, Finish::Succeeded(json!({ "row": 1 }))),
+                (
+                    second,
+                    Finish::Retry {
+                        error: "throttled".into(),
+                        after: Duration::from_secs(60),
+                    },
+                ),
+                (
+                    third,
+                    Finish::Dead {
+                        error: "bad config".into(),
+                    },
+                ),
+                (stale, Finish::Succeeded(json!("late"))),
+            ],
+        )
+        .expect("finished");
+    let state = |i: usize| {
+        let mut found = registry
+            .runs_for_submission(requests[i].submission)
+            .expect("read");
+        assert_eq!(found.len(), 1);
+        let run = found.pop().expect("one run");
+        assert_eq!(run.id, runs[i]);
+        (run.state, run.output, run.last_error)
+    };
+    assert_eq!(
+        state(0),
+        ("succeeded".into(), Some(json!({ "row": 1 })), None)
+    );
+    assert_eq!(
+        state(1),
+        ("retrying".into(), None, Some("throttled".into()))
+    );
+    assert_eq!(state(2), ("dead".into(), None, Some("bad config".into())));
+    assert_eq!(state(3), ("succeeded".into(), Some(json!("earlier")), None));
+    let outcomes = |run: Uuid| -> Vec<String> {
+        registry
+            .attempts(run)
+            .expect("attempts")
+            .into_iter()
+            .map(|a| a.3)
+            .collect()
+    };
+    assert_eq!(outcomes(runs[0]), ["succeeded"]);
+    assert_eq!(outcomes(runs[1]), ["retrying"]);
+    assert_eq!(
+        outcomes(runs[2]),
+        ["dead", "succeeded"],
+        "the stale execution is logged, not stored"
+    );
 }
