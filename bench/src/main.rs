@@ -482,9 +482,25 @@ async fn scenarios(
         let s2 = load(addr, 32, duration, one).await?;
         let s3 = load(addr, 32, duration, five).await?;
         let s6 = load(addr, 1, duration, one).await?;
+        // Scenario 2 again without a run-log row per successful run.
+        let lean_addr = free_port()?;
+        let lean = env.daisy(&[
+            "serve",
+            "--addr",
+            &lean_addr.to_string(),
+            "--sync-run-log",
+            "failed",
+        ])?;
+        let s2_lean = load(lean_addr, 32, duration, one).await?;
+        drop(lean);
         for (name, key, l) in [
             ("1: no tasks, c=32", "s1_no_tasks_c32", &s1),
             ("2: one sync echo, c=32", "s2_one_sync_c32", &s2),
+            (
+                "2, --sync-run-log failed",
+                "s2_one_sync_c32_log_failed",
+                &s2_lean,
+            ),
             ("3: five sync echo, c=32", "s3_five_sync_c32", &s3),
             ("6: one sync echo, c=1", "s6_one_sync_c1", &s6),
         ] {
@@ -496,9 +512,18 @@ async fn scenarios(
         ratios.insert("s2_throughput_vs_bare".into(), json!(s2_vs_bare));
         ratios.insert("s2_p99_us".into(), json!(s2.us(0.99)));
         ratios.insert("s6_p50_overhead_us".into(), json!(s6_overhead));
+        let lean_vs_bare = s2_lean.throughput() / bare32.throughput();
+        ratios.insert(
+            "s2_log_failed_throughput_vs_bare".into(),
+            json!(lean_vs_bare),
+        );
         targets.push((
             "2 vs bare throughput (target >= 60%)".into(),
             format!("{:>9.0}%", 100.0 * s2_vs_bare),
+        ));
+        targets.push((
+            "2 vs bare, --sync-run-log failed".into(),
+            format!("{:>9.0}%", 100.0 * lean_vs_bare),
         ));
         targets.push((
             "2 p99 (target < 3000 µs)".into(),

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    SyncRunLog,
     catalog::Catalog,
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
@@ -34,13 +35,15 @@ pub struct Service {
     acceptor: Acceptor,
     outbox: Outbox,
     run_log: RunLog,
+    sync_run_log: SyncRunLog,
 }
 
 impl Service {
     /// A service answering from `catalog`, running synchronous tasks on
     /// `executor`, committing asynchronous ones through `acceptor`,
     /// publishing them through `outbox`, logging synchronous runs to
-    /// `run_log` and reading runs from `registry`.
+    /// `run_log` (those `sync_run_log` selects) and reading runs from
+    /// `registry`.
     pub fn new(
         catalog: Arc<Catalog>,
         executor: Executor,
@@ -48,6 +51,7 @@ impl Service {
         acceptor: Acceptor,
         outbox: Outbox,
         run_log: RunLog,
+        sync_run_log: SyncRunLog,
     ) -> Service {
         Service {
             catalog,
@@ -56,6 +60,7 @@ impl Service {
             acceptor,
             outbox,
             run_log,
+            sync_run_log,
         }
     }
 }
@@ -163,28 +168,27 @@ impl PostSubProxy for Service {
                     Outcome::Failed { error, .. } => (PbOutcome::Failed, None, error),
                     Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, error),
                 };
-                log.push(SyncRun {
-                    id: Uuid::new_v4(),
-                    submission_id,
-                    form_id: form,
-                    task_id: task.id,
-                    task_name: task.name.clone(),
-                    is_async: false,
-                    state: if outcome == PbOutcome::Succeeded {
-                        "succeeded"
-                    } else {
-                        "dead"
-                    }
-                    .to_owned(),
-                    attempts: 1,
-                    max_attempts: 1,
-                    last_error: (!error.is_empty()).then(|| error.clone()),
-                    output: output.clone(),
-                    started_at: sync_started,
-                    finished_at: sync_started
-                        + chrono::Duration::from_std(run.duration).unwrap_or_default(),
-                    published_at: None,
-                });
+                let logged =
+                    outcome != PbOutcome::Succeeded || self.sync_run_log == SyncRunLog::All;
+                if logged {
+                    log.push(SyncRun {
+                        id: Uuid::new_v4(),
+                        submission_id,
+                        form_id: form,
+                        task_id: task.id,
+                        task_name: task.name.clone(),
+                        state: if outcome == PbOutcome::Succeeded {
+                            "succeeded"
+                        } else {
+                            "dead"
+                        },
+                        last_error: (!error.is_empty()).then(|| error.clone()),
+                        output: output.clone(),
+                        started_at: sync_started,
+                        finished_at: sync_started
+                            + chrono::Duration::from_std(run.duration).unwrap_or_default(),
+                    });
+                }
                 TaskResult {
                     task_id: task.id.to_string(),
                     name: task.name.clone(),

@@ -51,4 +51,18 @@ pub struct Config {
     /// After how long a published-but-unclaimed or claimed-but-unfinished
     /// run is handed back to the relay; must exceed the longest task timeout.
     pub stale_after: std::time::Duration,
+    /// Which synchronous runs go to the run log.
+    pub sync_run_log: SyncRunLog,
+}
+
+/// Which synchronous runs `Process` records in `task_runs` (asynchronous
+/// runs are always recorded: they are the outbox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SyncRunLog {
+    /// Every run: `GetRuns` shows them all. The default.
+    #[default]
+    All,
+    /// Only failed and timed-out runs: saves one row per successful task
+    /// run, which is most of the database's work on a synchronous-only form.
+    Failed,
 }

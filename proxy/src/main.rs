@@ -229,6 +229,10 @@ struct ServeArgs {
     /// finished, after this many seconds; keep it above the longest task timeout.
     #[arg(long, env = "DAISY_STALE_AFTER_SECS", default_value_t = 900)]
     stale_after_secs: u64,
+    /// Which synchronous runs are recorded in the run log: `all` (GetRuns
+    /// shows every run) or `failed` (one row less per successful task run).
+    #[arg(long, env = "DAISY_SYNC_RUN_LOG", value_enum, default_value = "all")]
+    sync_run_log: proxy::SyncRunLog,
 }
 
 #[derive(Subcommand)]
@@ -396,6 +400,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             outbox_grace: Duration::from_millis(args.outbox_grace_ms),
             relay_interval: Duration::from_millis(args.relay_interval_ms),
             stale_after: Duration::from_secs(args.stale_after_secs),
+            sync_run_log: args.sync_run_log,
         };
         proxy::run(listener, config, shutdown_signal()).await
     })

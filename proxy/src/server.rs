@@ -49,7 +49,13 @@ pub async fn run(
     let writers = (config.db.pool_size as usize / 2).max(1);
     let acceptor = Acceptor::start(registry.clone(), config.outbox_grace, writers);
     let service = PostSubProxyServer::new(Service::new(
-        catalog, executor, registry, acceptor, outbox, run_log,
+        catalog,
+        executor,
+        registry,
+        acceptor,
+        outbox,
+        run_log,
+        config.sync_run_log,
     ))
     .max_decoding_message_size(config.max_request_bytes);
 

@@ -107,6 +107,64 @@ async fn async_task_runs_on_a_worker_and_get_runs_shows_every_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_run_log_failed_records_only_the_failures_and_every_async_run() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    plugins.install("echo", "echo");
+    let queue = TestQueue::new();
+    let form = Uuid::new_v4();
+    db.attach(form, "validate", "echo", "echo", json!({}));
+    db.attach(form, "broken", "testkit", "fail", json!({}));
+    db.attach_with(async_task(form, "row", "config", json!({}), 3));
+    let config = proxy::Config {
+        sync_run_log: proxy::SyncRunLog::Failed,
+        ..server_config(&db.url, plugins.path(), queue.config.clone())
+    };
+    let server = TestServer::start_with(config).await;
+    let _worker = queue.worker(&db.url, plugins.path(), None, &[]);
+    let mut client = server.client().await;
+
+    let request = request(form, sample());
+    let response = client
+        .process(request.clone())
+        .await
+        .expect("accepted")
+        .into_inner();
+    let outcomes: Vec<_> = response.results.iter().map(|r| r.outcome()).collect();
+    assert_eq!(
+        outcomes,
+        [Outcome::Succeeded, Outcome::Failed],
+        "the caller still gets every result"
+    );
+    let runs = wait_for_runs(
+        &mut client,
+        &request.submission_id,
+        Duration::from_secs(30),
+        |runs| {
+            runs.len() == 2
+                && runs
+                    .iter()
+                    .any(|r| r.is_async && r.state() == RunState::Succeeded)
+        },
+    )
+    .await;
+    // Give the run log writer time to write anything it would.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = wait_for_runs(&mut client, &request.submission_id, Duration::ZERO, |_| {
+        true
+    })
+    .await;
+    let mut names: Vec<_> = runs.iter().map(|r| r.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["broken", "row"],
+        "the successful synchronous run is not recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_submission_creates_no_new_runs() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();
@@ -693,6 +751,7 @@ async fn runs_whose_messages_were_lost_are_requeued_after_the_stale_period() {
     db.attach_with(async_task(form, "row", "config", json!({}), 3));
     let config = proxy::Config {
         stale_after: Duration::from_secs(2),
+        sync_run_log: proxy::SyncRunLog::All,
         ..server_config(&db.url, plugins.path(), queue.config.clone())
     };
     let server = TestServer::start_with(config).await;

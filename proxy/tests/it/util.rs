@@ -155,6 +155,7 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
         outbox_grace: Duration::from_millis(1500),
         relay_interval: Duration::from_millis(200),
         stale_after: Duration::from_secs(900),
+        sync_run_log: proxy::SyncRunLog::All,
     }
 }
 
