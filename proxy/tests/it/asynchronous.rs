@@ -137,7 +137,7 @@ async fn sync_run_log_failed_records_only_the_failures_and_every_async_run() {
         [Outcome::Succeeded, Outcome::Failed],
         "the caller still gets every result"
     );
-    let runs = wait_for_runs(
+    wait_for_runs(
         &mut client,
         &request.submission_id,
         Duration::from_secs(30),
