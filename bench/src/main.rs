@@ -356,6 +356,23 @@ impl Env {
         Ok(diesel::sql_query(sql).get_result::<N>(&mut conn)?.n)
     }
 
+    /// Lets the database settle before the next scenario: waits until the
+    /// run log has written its backlog (the row count holds still), then
+    /// vacuums and analyzes, so no scenario pays for the previous one's
+    /// background writes or an autovacuum that its rows triggered.
+    async fn settle(&self) -> anyhow::Result<()> {
+        let mut last = -1;
+        loop {
+            let rows = self.count("SELECT count(*) AS n FROM task_runs")?;
+            if rows == last {
+                break;
+            }
+            last = rows;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.sql("VACUUM ANALYZE")
+    }
+
     fn attach(&self, form: Uuid, tasks: &[(&str, bool)]) -> anyhow::Result<()> {
         for (i, (name, is_async)) in tasks.iter().enumerate() {
             self.sql(&format!(
@@ -478,10 +495,14 @@ async fn scenarios(
     let mut ratios = serde_json::Map::new();
     let mut targets: Vec<(String, String)> = Vec::new();
     if cli.wants(Group::Sync) {
+        env.settle().await?;
         let s1 = load(addr, 32, duration, none).await?;
         let s2 = load(addr, 32, duration, one).await?;
+        env.settle().await?;
         let s3 = load(addr, 32, duration, five).await?;
+        env.settle().await?;
         let s6 = load(addr, 1, duration, one).await?;
+        env.settle().await?;
         // Scenario 2 again without a run-log row per successful run.
         let lean_addr = free_port()?;
         let lean = env.daisy(&[
@@ -493,6 +514,7 @@ async fn scenarios(
         ])?;
         let s2_lean = load(lean_addr, 32, duration, one).await?;
         drop(lean);
+        env.settle().await?;
         for (name, key, l) in [
             ("1: no tasks, c=32", "s1_no_tasks_c32", &s1),
             ("2: one sync echo, c=32", "s2_one_sync_c32", &s2),
@@ -544,6 +566,7 @@ async fn scenarios(
         &[]
     };
     for &workers in drains {
+        env.settle().await?;
         let form = Uuid::new_v4();
         env.attach(form, &[("drain", true)])?;
         env.sql(&format!(
@@ -585,6 +608,7 @@ async fn scenarios(
     // Scenario 4: the accept rate (outbox commit and publish); nobody consumes.
     let mut serve_rss = None;
     if cli.wants(Group::Accept) {
+        env.settle().await?;
         let s4 = load(addr, 32, duration, mixed).await?;
         serve_rss = serve.peak_rss_kib();
         rows.push(("4: sync + async, c=32".into(), line(&s4)));
