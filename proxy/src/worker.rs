@@ -5,8 +5,8 @@
 //! task through the same plugin loader and executor as the proxy, store the
 //! outcome, then ack. Claims and outcomes of the deliveries in flight are
 //! written in batches (one statement each), so a worker's database round
-//! trips do not grow with its throughput. A crash anywhere before the ack makes RabbitMQ
-//! redeliver, and the claim accepts a redelivered run that was left
+//! trips do not grow with its throughput. A crash anywhere before the ack
+//! makes RabbitMQ redeliver, and the claim accepts a redelivered run that was left
 //! `running`, so the run completes on another worker. Database errors are
 //! retried with backoff before the ack, so nothing is lost while PostgreSQL
 //! is away. A second consumer drains the dead-letter queue.
@@ -86,35 +86,13 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let claims = Batcher::start(2, BATCH, {
-        let (registry, stop) = (registry.clone(), stop_rx.clone());
-        move |requests: Vec<ClaimRequest>| {
-            let (registry, stop) = (registry.clone(), stop.clone());
-            async move {
-                let requests = Arc::new(requests);
-                with_db(&registry, &stop, "claim", move |r| r.claim(&requests))
-                    .await
-                    .unwrap_or_default()
-            }
-        }
+    let claims = db_batcher(&registry, &stop_rx, "claim", |r, requests| {
+        r.claim(requests)
     });
-    let finishes = Batcher::start(2, BATCH, {
-        let (registry, stop, worker) = (registry.clone(), stop_rx.clone(), config.name.clone());
-        move |finished: Vec<(Claimed, Finish)>| {
-            let (registry, stop, worker) = (registry.clone(), stop.clone(), worker.clone());
-            async move {
-                let n = finished.len();
-                let finished = Arc::new(finished);
-                match with_db(&registry, &stop, "finish", move |r| {
-                    r.finish(&worker, &finished)
-                })
-                .await
-                {
-                    Some(()) => vec![(); n],
-                    None => Vec::new(),
-                }
-            }
-        }
+    let worker = config.name.clone();
+    let finishes = db_batcher(&registry, &stop_rx, "finish", move |r, finished| {
+        r.finish(&worker, finished)
+            .map(|()| vec![(); finished.len()])
     });
     let ctx = Arc::new(Context {
         registry,
@@ -154,6 +132,31 @@ pub async fn run(
     let _ = dead_letters.await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Writes concurrent deliveries' requests in batches of up to [`BATCH`] with
+/// `op` (one answer per request), two batches at a time, each retried with
+/// [`with_db`]; on shutdown the batch goes unanswered.
+fn db_batcher<Req, Resp>(
+    registry: &Registry,
+    shutdown: &watch::Receiver<bool>,
+    what: &'static str,
+    op: impl Fn(&Registry, &[Req]) -> Result<Vec<Resp>, RegistryError> + Send + Sync + 'static,
+) -> Batcher<Req, Resp>
+where
+    Req: Send + Sync + 'static,
+    Resp: Send + 'static,
+{
+    let (registry, shutdown, op) = (registry.clone(), shutdown.clone(), Arc::new(op));
+    Batcher::start(2, BATCH, move |requests: Vec<Req>| {
+        let (registry, shutdown, op) = (registry.clone(), shutdown.clone(), op.clone());
+        let requests = Arc::new(requests);
+        async move {
+            with_db(&registry, &shutdown, what, move |r| op(r, &requests))
+                .await
+                .unwrap_or_default()
+        }
+    })
 }
 
 /// Retries a registry operation with backoff until it succeeds; `None` if

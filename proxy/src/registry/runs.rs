@@ -480,7 +480,7 @@ impl Registry {
                  claim_token = i.token, started_at = now(), updated_at = now() \
              FROM unnest($1, $2, $3) AS i(id, redelivered, token), submissions s \
              WHERE t.id = i.id AND s.id = t.submission_id \
-               AND (t.state IN ('queued', 'retrying') \
+               AND (t.state = ANY($4) \
                     OR (t.state = 'running' AND (i.redelivered OR t.claim_token = i.token))) \
              RETURNING i.token, t.id AS run_id, t.task_id, t.form_id, t.submission_id, \
                        s.payload, t.attempts, t.max_attempts, t.started_at",
@@ -488,6 +488,7 @@ impl Registry {
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.run).collect::<Vec<_>>())
         .bind::<Array<Bool>, _>(requests.iter().map(|r| r.redelivered).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.token).collect::<Vec<_>>())
+        .bind::<Array<diesel::sql_types::Text>, _>(&PENDING[..])
         .load(&mut conn)?;
         let mut by_token: std::collections::HashMap<Uuid, ClaimedRow> =
             rows.into_iter().map(|row| (row.token, row)).collect();
