@@ -7,7 +7,7 @@ CARGO ?= cargo
 PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
 DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
 
-.PHONY: help build plugins migrate serve demo test lint check-schema bench bench-quick ci
+.PHONY: help build plugins fixtures migrate serve demo test lint check-schema bench bench-quick ci
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -28,8 +28,12 @@ serve: plugins ## run daisy serve on DAISY_ADDR (default 127.0.0.1:50051)
 demo: ## the whole system: Daisy, a worker and the Collect backend, in a guided tour
 	scripts/demo.sh
 
+fixtures: ## build the test fixtures that live outside the workspace (panic=abort)
+	$(CARGO) build --locked --manifest-path plugins/testkit-panic-abort/Cargo.toml --target-dir target/fixtures
+
 test: ## run the whole test suite against the real PostgreSQL
 	$(CARGO) build --workspace
+	$(MAKE) --no-print-directory fixtures
 	$(CARGO) test --workspace
 
 bench: ## release build, every load scenario and the micro-benchmarks; writes target/bench/
