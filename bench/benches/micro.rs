@@ -1,14 +1,20 @@
 //! Micro-benchmarks of the synchronous hot path: a plugin call through the
-//! stable ABI against the same task called directly, the per-call plugin
-//! instance lookup (a stat of the library file and a map lookup), and the
-//! submission's Struct → JSON conversion. `make bench` runs them (criterion);
+//! stable ABI against the same task called directly, one run through the
+//! plugin-host layer in each isolation mode (in-process: a stat of the
+//! library file, a map lookup and the blocking pool; process: the same
+//! stat plus a round trip to a plugin host), and the submission's
+//! Struct → JSON conversion. `make bench` runs them (criterion);
 //! the libraries come from `target/release` (`cargo build --release --workspace`).
 
 use std::{hint::black_box, path::PathBuf};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use plugin_api::{Input, Task, host::RunInput, json};
-use proxy::{plugins::Plugins, registry::TaskDef};
+use proxy::{
+    executor::Submission,
+    plugins::{HostConfig, Isolation, Plugins},
+    registry::TaskDef,
+};
 
 fn release_lib(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -30,12 +36,12 @@ fn plugin_call(c: &mut Criterion) {
             .join(proxy::plugins::library_file_name("testkit")),
     )
     .expect("copy");
-    let plugins = Plugins::new(dir.path()).expect("loader");
-    let library = plugins.library("testkit").expect("loads");
-    let handle = library
-        .library
-        .instantiate("config", "null")
-        .expect("creates");
+    let library = plugin_api::host::Library::load(
+        &dir.path()
+            .join(proxy::plugins::library_file_name("testkit")),
+    )
+    .expect("loads");
+    let handle = library.instantiate("config", "null").expect("creates");
     let direct = testkit::Config::new(json!(null)).expect("creates");
     let input = Input::new("f", "s", json!({}), 1);
     let mut group = c.benchmark_group("no-op task call");
@@ -62,24 +68,42 @@ fn instance_lookup(c: &mut Criterion) {
         dir.path().join(proxy::plugins::library_file_name("echo")),
     )
     .expect("copy");
-    let plugins = Plugins::new(dir.path()).expect("loader");
-    let task = TaskDef {
-        id: uuid::Uuid::new_v4(),
-        form_id: uuid::Uuid::new_v4(),
-        name: "echo".into(),
-        module: "echo".into(),
-        func: "echo".into(),
-        is_async: false,
-        config: json!({}),
-        enabled: true,
-        timeout_ms: 1000,
-        max_attempts: 1,
-        created_at: chrono::Utc::now(),
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let daisy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/daisy");
+    let plugins = runtime
+        .block_on(async {
+            Plugins::new(dir.path(), HostConfig::new(daisy), Isolation::Process)
+        })
+        .expect("loader");
+    let submission = Submission {
+        form_id: "f".into(),
+        submission_id: "s".into(),
+        json: "{}".into(),
     };
-    plugins.instance(&task).expect("first load");
-    c.bench_function("plugin instance lookup (stat + map)", |b| {
-        b.iter(|| black_box(plugins.instance(black_box(&task))))
-    });
+    let mut group = c.benchmark_group("one echo run through the plugin layer");
+    for isolation in [Isolation::InProcess, Isolation::Process] {
+        let task = TaskDef {
+            id: uuid::Uuid::new_v4(),
+            form_id: uuid::Uuid::new_v4(),
+            name: "echo".into(),
+            module: "echo".into(),
+            func: "echo".into(),
+            is_async: false,
+            config: json!({}),
+            enabled: true,
+            timeout_ms: 1000,
+            max_attempts: 1,
+            created_at: chrono::Utc::now(),
+            isolation: Some(isolation.as_str().into()),
+        };
+        let run = || {
+            runtime.block_on(plugins.run(&task, &submission, 1, std::time::Duration::from_secs(1)))
+        };
+        run();
+        group.bench_function(isolation.as_str(), |b| b.iter(|| black_box(run())));
+    }
+    group.finish();
+    plugins.shutdown();
 }
 
 fn struct_to_json(c: &mut Criterion) {

@@ -15,7 +15,7 @@ use abi_stable::{
 
 use crate::{
     TaskError, Value,
-    ffi::{ErrorKind, FfiError, FfiInput, FfiTaskBox, PluginModRef},
+    ffi::{ErrorKind, FfiError, FfiInput, TaskBaseBox, PluginModRef},
 };
 
 /// Why a library could not be loaded.
@@ -202,7 +202,7 @@ pub struct RunInput<'a> {
 }
 
 /// A task instance created by a loaded library.
-pub struct TaskHandle(FfiTaskBox);
+pub struct TaskHandle(TaskBaseBox);
 
 impl std::fmt::Debug for TaskHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

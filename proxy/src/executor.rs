@@ -1,18 +1,17 @@
-//! Runs tasks: on tokio's blocking pool, bounded, each under its timeout.
+//! Runs tasks through the plugin-host layer, bounded, each under its timeout.
 //!
-//! Plugin code is native and may block, so every run (and every library load
-//! and task creation, which run plugin code too) happens on the blocking
-//! pool. A semaphore bounds how many runs are in flight. A run that times out
-//! cannot be cancelled: its thread keeps its permit until the plugin returns,
-//! so a plugin that hangs uses up permits instead of creating threads without
-//! limit, and the log says so.
+//! A semaphore bounds how many runs are in flight. Where the plugin code
+//! runs (a plugin host, or this process) is the [`Plugins`] layer's
+//! business: a run in a host that passes its timeout is answered at once
+//! and its host recycled, so a hanging plugin holds neither a thread nor a
+//! permit; an in-process run cannot be cancelled and keeps its blocking
+//! thread until the plugin returns.
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use plugin_api::host::RunInput;
 use tokio::sync::Semaphore;
 
 use crate::{plugins::Plugins, registry::TaskDef};
@@ -86,46 +85,33 @@ impl Executor {
         .await
     }
 
+    /// The plugin-host layer it runs tasks through.
+    pub fn plugins(&self) -> &Arc<Plugins> {
+        &self.plugins
+    }
+
     /// Runs one task under its timeout.
     pub async fn run(&self, task: TaskDef, submission: Submission, attempt: u32) -> RunResult {
         let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.module = %task.module);
         let started = Instant::now();
         let timeout = Duration::from_millis(u64::try_from(task.timeout_ms).unwrap_or(1).max(1));
-        let name = task.name.clone();
-        let work = async {
-            let permit = self
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the executor's semaphore is never closed");
-            let plugins = self.plugins.clone();
-            let handle = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                let started = Instant::now();
-                let outcome = run_blocking(&plugins, &task, &submission, attempt);
-                if started.elapsed() > timeout {
-                    tracing::warn!(
-                        task.name = %task.name,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "task finished after its timeout; its result was discarded"
-                    );
-                }
-                outcome
-            });
-            handle.await
-        };
-        let outcome = match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(join)) => Outcome::Failed {
-                error: format!("task runner failed: {join}"),
-                retryable: true,
-                retry_after: None,
-            },
-            Err(_) => Outcome::TimedOut(format!(
-                "task '{name}' timed out after {} ms",
+        let timed_out = || {
+            Outcome::TimedOut(format!(
+                "task '{}' timed out after {} ms",
+                task.name,
                 timeout.as_millis()
-            )),
+            ))
+        };
+        // The plugin layer answers by the deadline itself (and recycles a
+        // host whose run overstays), so only the wait for a permit is
+        // bounded here.
+        let outcome = match tokio::time::timeout(timeout, self.permits.acquire()).await {
+            Ok(permit) => {
+                let _permit = permit.expect("the executor's semaphore is never closed");
+                let left = timeout.saturating_sub(started.elapsed());
+                self.plugins.run(&task, &submission, attempt, left).await
+            }
+            Err(_) => timed_out(),
         };
         let duration = started.elapsed();
         span.in_scope(|| match &outcome {
@@ -136,37 +122,5 @@ impl Executor {
             Outcome::TimedOut(error) => tracing::warn!(error = %error, "task timed out"),
         });
         RunResult { outcome, duration }
-    }
-}
-
-fn run_blocking(
-    plugins: &Plugins,
-    task: &TaskDef,
-    submission: &Submission,
-    attempt: u32,
-) -> Outcome {
-    let handle = match plugins.instance(task) {
-        Ok(handle) => handle,
-        Err(err) => {
-            return Outcome::Failed {
-                error: err.to_string(),
-                retryable: false,
-                retry_after: None,
-            };
-        }
-    };
-    let input = RunInput {
-        form_id: &submission.form_id,
-        submission_id: &submission.submission_id,
-        submission_json: &submission.json,
-        attempt,
-    };
-    match handle.run(input) {
-        Ok(output) => Outcome::Succeeded(output),
-        Err(err) => Outcome::Failed {
-            error: err.message().to_owned(),
-            retryable: err.is_retryable(),
-            retry_after: err.retry_after(),
-        },
     }
 }

@@ -8,8 +8,9 @@
 //! - [`grpc`]: the gRPC edge; the only module that sees protobuf types.
 //! - [`catalog`]: the per-form task cache, invalidated by LISTEN/NOTIFY.
 //! - [`registry`]: PostgreSQL (diesel); the only module that talks diesel.
-//! - [`executor`]: runs tasks on the blocking pool under their timeouts.
-//! - [`plugins`]: finds, loads and caches plugin libraries and task instances.
+//! - [`executor`]: runs tasks through [`plugins`], bounded, under their timeouts.
+//! - [`plugins`]: the plugin-host layer: runs plugin code in supervised
+//!   host processes (or in-process, where a task opts in).
 //! - [`batch`]: group commit of concurrent callers' database writes.
 //! - [`error`]: the error types.
 
@@ -38,6 +39,10 @@ pub struct Config {
     pub db: DbConfig,
     /// Where plugin libraries live.
     pub plugins_dir: PathBuf,
+    /// How plugin hosts are run.
+    pub hosts: plugins::HostConfig,
+    /// Where tasks that do not say run their plugin code.
+    pub isolation: plugins::Isolation,
     /// Requests larger than this get `RESOURCE_EXHAUSTED`.
     pub max_request_bytes: usize,
     /// How many task runs may be in flight at once.

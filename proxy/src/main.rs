@@ -1,13 +1,13 @@
 //! `daisy`: serve the PostSubProxy gRPC service, run migrations, attach tasks
 //! to forms and inspect plugins. Every flag also reads a `DAISY_*` variable.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use proxy::{
     Config, DbConfig,
-    plugins::{Plugins, validate_name},
+    plugins::{HostConfig, Isolation, Plugins, validate_name},
     queue::{QueueConfig, QueueType},
     registry::{NewTask, Registry, RunState},
     worker::WorkerConfig,
@@ -45,6 +45,22 @@ enum Command {
     /// Inspect the plugins directory.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Run one plugin library's code for serve or worker (started by them).
+    #[command(hide = true)]
+    PluginHost {
+        /// The private copy of the library to load.
+        #[arg(long)]
+        library: PathBuf,
+        /// The module's name.
+        #[arg(long)]
+        module: String,
+        /// Threads running tasks.
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
+        /// Resident memory (MiB) past which a run fails and the host retires; 0: none.
+        #[arg(long, default_value_t = 0)]
+        memory_mib: u64,
+    },
     /// Call Process on a running server and print the response as JSON.
     Process {
         /// The server's address.
@@ -129,6 +145,72 @@ impl QueueArgs {
 }
 
 #[derive(Args)]
+struct HostArgs {
+    /// Where tasks that do not say run their plugin code: `process` (a
+    /// supervised plugin host per library) or `in-process` (inside this
+    /// process; a crash there takes it down).
+    #[arg(long, env = "DAISY_ISOLATION", value_enum, default_value = "process")]
+    isolation: Isolation,
+    /// Plugin host processes per library.
+    #[arg(long, env = "DAISY_HOSTS_PER_MODULE", default_value_t = 1)]
+    hosts_per_module: usize,
+    /// Threads running tasks in each plugin host.
+    #[arg(long, env = "DAISY_HOST_THREADS", default_value_t = 16)]
+    host_threads: usize,
+    /// Resident memory (MiB) a plugin host may reach; the run that passes it
+    /// fails and the host is recycled. 0: no limit.
+    #[arg(long, env = "DAISY_HOST_MEMORY_MIB", default_value_t = 1024)]
+    host_memory_mib: u64,
+    /// Runs after which a plugin host is recycled. 0: no limit.
+    #[arg(long, env = "DAISY_HOST_MAX_RUNS", default_value_t = 0)]
+    host_max_runs: u64,
+    /// Seconds a plugin host may sit idle before it exits.
+    #[arg(long, env = "DAISY_HOST_IDLE_SECS", default_value_t = 300)]
+    host_idle_secs: u64,
+    /// How long loading a library in a new plugin host may take, in milliseconds.
+    #[arg(long, env = "DAISY_HOST_START_TIMEOUT_MS", default_value_t = 10_000)]
+    host_start_timeout_ms: u64,
+    /// An environment variable plugin hosts may see (repeatable); they
+    /// always get PATH, HOME, LANG and TZ, and nothing else.
+    #[arg(long = "plugin-env", env = "DAISY_PLUGIN_ENV", value_delimiter = ',')]
+    plugin_env: Vec<String>,
+    /// Crashes of its host with a task's run in flight that quarantine the task.
+    #[arg(long, env = "DAISY_QUARANTINE_AFTER", default_value_t = 3)]
+    quarantine_after: u32,
+    /// Seconds over which those crashes count, and how long a quarantine lasts.
+    #[arg(long, env = "DAISY_QUARANTINE_WINDOW_SECS", default_value_t = 600)]
+    quarantine_window_secs: u64,
+}
+
+impl HostArgs {
+    fn config(&self) -> anyhow::Result<HostConfig> {
+        let program = std::env::current_exe().context("finding the daisy executable")?;
+        for name in &self.plugin_env {
+            anyhow::ensure!(
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "--plugin-env {name:?} is not an environment variable name"
+            );
+            anyhow::ensure!(
+                !matches!(name.as_str(), "DATABASE_URL" | "AMQP_URL"),
+                "--plugin-env {name}: Daisy's own secrets are never passed to plugins"
+            );
+        }
+        Ok(HostConfig {
+            hosts_per_module: self.hosts_per_module.max(1),
+            threads_per_host: self.host_threads.max(1),
+            memory_limit_mib: self.host_memory_mib,
+            max_runs: self.host_max_runs,
+            idle_timeout: Duration::from_secs(self.host_idle_secs.max(1)),
+            start_timeout: Duration::from_millis(self.host_start_timeout_ms.max(1)),
+            env: self.plugin_env.clone(),
+            quarantine_after: self.quarantine_after.max(1),
+            quarantine_window: Duration::from_secs(self.quarantine_window_secs.max(1)),
+            ..HostConfig::new(program)
+        })
+    }
+}
+
+#[derive(Args)]
 struct WorkerArgs {
     #[command(flatten)]
     db: DbArgs,
@@ -136,6 +218,8 @@ struct WorkerArgs {
     queue: QueueArgs,
     #[command(flatten)]
     plugins: PluginsArgs,
+    #[command(flatten)]
+    hosts: HostArgs,
     /// Deliveries held at once; their claims and outcomes are written in
     /// batches, so more in flight means fewer database round trips per run.
     #[arg(long, env = "DAISY_PREFETCH", default_value_t = 256)]
@@ -211,6 +295,8 @@ struct ServeArgs {
     db: DbArgs,
     #[command(flatten)]
     plugins: PluginsArgs,
+    #[command(flatten)]
+    hosts: HostArgs,
     /// Largest request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "DAISY_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024)]
     max_request_bytes: usize,
@@ -266,6 +352,9 @@ enum TaskCommand {
         /// Attach it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Where its plugin code runs; the server's `--isolation` if not given.
+        #[arg(long, value_enum)]
+        isolation: Option<Isolation>,
         #[command(flatten)]
         db: DbArgs,
         #[command(flatten)]
@@ -335,6 +424,20 @@ fn main() {
 
 fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::PluginHost {
+        library,
+        module,
+        threads,
+        memory_mib,
+    } = cli.command
+    {
+        proxy::plugins::host::main(proxy::plugins::host::HostArgs {
+            library,
+            module,
+            threads,
+            memory_limit_mib: memory_mib,
+        });
+    }
     // The server logs what it does; one-shot commands only what went wrong.
     let default_filter = match cli.command {
         Command::Serve(_) | Command::Worker(_) => "info,tower=warn,h2=warn,amqprs=warn",
@@ -348,11 +451,14 @@ fn try_main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::PluginHost { .. } => unreachable!("handled before logging starts"),
         Command::Serve(args) => serve(args),
         Command::Worker(args) => {
             let config = WorkerConfig {
                 db: args.db.config(),
                 queue: args.queue.config(),
+                hosts: args.hosts.config()?,
+                isolation: args.hosts.isolation,
                 plugins_dir: args.plugins.plugins_dir,
                 prefetch: args.prefetch,
                 max_concurrent_tasks: args.max_concurrent_tasks,
@@ -412,6 +518,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", args.addr))?;
         let config = Config {
             db: args.db.config(),
+            hosts: args.hosts.config()?,
+            isolation: args.hosts.isolation,
             plugins_dir: args.plugins.plugins_dir,
             max_request_bytes: args.max_request_bytes,
             max_concurrent_tasks: args.max_concurrent_tasks,
@@ -449,6 +557,7 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
             timeout_ms,
             max_attempts,
             disabled,
+            isolation,
             db,
             plugins,
         } => {
@@ -470,6 +579,7 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                     enabled: !disabled,
                     timeout_ms,
                     max_attempts,
+                    isolation: isolation.map(|i| i.as_str().to_owned()),
                 })
                 .context("attaching the task")?;
             println!("{}", task.id);
@@ -573,42 +683,58 @@ fn runs(command: RunsCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A plugin layer for the CLI's one-shot looks at the plugins directory
+/// (libraries are read in a plugin host, never in the CLI's own process),
+/// on a runtime of its own.
+fn cli_plugins(dir: &std::path::Path) -> anyhow::Result<(tokio::runtime::Runtime, Plugins)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let program = std::env::current_exe().context("finding the daisy executable")?;
+    let plugins = runtime
+        .block_on(async { Plugins::new(dir, HostConfig::new(program), Isolation::Process) })
+        .context("creating the plugin loader")?;
+    Ok((runtime, plugins))
+}
+
 /// Warns when the task's plugin is not (yet) usable; attaching still works,
 /// since the library may be installed later.
 fn check_plugin(dir: &std::path::Path, module: &str, func: &str) {
-    let plugins = match Plugins::new(dir) {
-        Ok(plugins) => plugins,
-        Err(_) => return,
+    let Ok((runtime, plugins)) = cli_plugins(dir) else {
+        return;
     };
-    match plugins.library(module) {
-        Ok(loaded) if !loaded.library.tasks().any(|t| t == func) => eprintln!(
+    match runtime.block_on(plugins.inspect(module)) {
+        Ok(info) if !info.tasks.iter().any(|t| t == func) => eprintln!(
             "warning: plugin '{module}' has no task '{func}' (it exports: {})",
-            loaded.library.tasks().collect::<Vec<_>>().join(", ")
+            info.tasks.join(", ")
         ),
         Ok(_) => {}
         Err(err) => eprintln!("warning: {err}; the task will fail until that is fixed"),
     }
+    plugins.shutdown();
 }
 
 fn plugin_list(dir: &std::path::Path) -> anyhow::Result<()> {
-    let plugins = Arc::new(Plugins::new(dir).context("creating the plugin loader")?);
-    let found = plugins
-        .scan()
+    let (runtime, plugins) = cli_plugins(dir)?;
+    let modules = plugins
+        .modules()
         .with_context(|| format!("reading plugins directory '{}'", dir.display()))?;
-    if found.is_empty() {
+    if modules.is_empty() {
         println!("no plugin libraries in '{}'", dir.display());
     }
-    for (module, loaded) in found {
-        match loaded {
-            Ok(loaded) => println!(
+    for module in modules {
+        match runtime.block_on(plugins.inspect(&module)) {
+            Ok(info) => println!(
                 "{module}\tok\t{} {} (plugin-api {})\ttasks: {}",
-                loaded.library.name(),
-                loaded.library.version(),
-                loaded.library.api_version(),
-                loaded.library.tasks().collect::<Vec<_>>().join(", ")
+                info.name,
+                info.version,
+                info.api_version,
+                info.tasks.join(", ")
             ),
             Err(err) => println!("{module}\terror\t{err}"),
         }
     }
+    plugins.shutdown();
     Ok(())
 }

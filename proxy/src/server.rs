@@ -25,7 +25,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let registry = Registry::new(&config.db);
-    let plugins = Arc::new(Plugins::new(&config.plugins_dir)?);
+    let plugins = Arc::new(Plugins::new(
+        &config.plugins_dir,
+        config.hosts.clone(),
+        config.isolation,
+    )?);
     let catalog = Arc::new(Catalog::start(registry.clone(), {
         let plugins = plugins.clone();
         move |change| {
@@ -34,7 +38,7 @@ pub async fn run(
             }
         }
     }));
-    let executor = Executor::new(plugins, config.max_concurrent_tasks);
+    let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks);
     let publisher = Arc::new(Publisher::new(config.queue.clone()));
     let outbox = Outbox::new(registry.clone(), publisher);
     let (run_log, run_log_writer) = RunLog::start(registry.clone(), 100_000);
@@ -101,6 +105,7 @@ pub async fn run(
     {
         tracing::warn!("gave up flushing the run log after 10 s");
     }
+    plugins.shutdown();
     tracing::info!("daisy stopped");
     Ok(())
 }

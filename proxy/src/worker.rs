@@ -35,6 +35,10 @@ pub struct WorkerConfig {
     pub queue: QueueConfig,
     /// Where plugin libraries live.
     pub plugins_dir: std::path::PathBuf,
+    /// How plugin hosts are run.
+    pub hosts: crate::plugins::HostConfig,
+    /// Where tasks that do not say run their plugin code.
+    pub isolation: crate::plugins::Isolation,
     /// Unacknowledged deliveries held at once.
     pub prefetch: u16,
     /// Runs executed at once.
@@ -71,7 +75,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let registry = Registry::new(&config.db);
-    let plugins = Arc::new(Plugins::new(&config.plugins_dir)?);
+    let plugins = Arc::new(Plugins::new(
+        &config.plugins_dir,
+        config.hosts.clone(),
+        config.isolation,
+    )?);
     let catalog = Catalog::start(registry.clone(), {
         let plugins = plugins.clone();
         move |change| {
@@ -80,7 +88,7 @@ pub async fn run(
             }
         }
     });
-    let executor = Executor::new(plugins, config.max_concurrent_tasks.max(1));
+    let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks.max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -130,6 +138,7 @@ pub async fn run(
     )
     .await;
     let _ = dead_letters.await;
+    plugins.shutdown();
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -213,7 +213,167 @@ impl Task for Count {
     }
 }
 
+/// Writes through a null pointer: SIGSEGV on every run.
+pub struct Segfault;
+
+impl Segfault {
+    /// Takes no config.
+    pub fn new(_config: Value) -> Result<Self, TaskError> {
+        Ok(Segfault)
+    }
+}
+
+impl Task for Segfault {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        let null: *mut u64 = std::ptr::null_mut();
+        // SAFETY: none; this fixture crashes its process on purpose.
+        unsafe { std::ptr::write_volatile(null, 42) };
+        Ok(Value::Null)
+    }
+}
+
+/// Ends the whole process with the configured exit `code` (default 3).
+pub struct Exit {
+    code: i32,
+}
+
+impl Exit {
+    /// Config: `{"code": 0}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        Ok(Exit {
+            code: config["code"]
+                .as_i64()
+                .and_then(|c| i32::try_from(c).ok())
+                .unwrap_or(3),
+        })
+    }
+}
+
+impl Task for Exit {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        std::process::exit(self.code)
+    }
+}
+
+/// Recurses without end: overflows its thread's stack on every run.
+pub struct StackOverflow;
+
+impl StackOverflow {
+    /// Takes no config.
+    pub fn new(_config: Value) -> Result<Self, TaskError> {
+        Ok(StackOverflow)
+    }
+}
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 64]);
+    // Never true; it only keeps the compiler from proving the recursion endless.
+    if std::hint::black_box(depth) == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1) + frame[depth as usize % 64]
+}
+
+impl Task for StackOverflow {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        Ok(json!({ "depth": recurse(0) }))
+    }
+}
+
+/// Never returns.
+pub struct Hang;
+
+impl Hang {
+    /// Takes no config.
+    pub fn new(_config: Value) -> Result<Self, TaskError> {
+        Ok(Hang)
+    }
+}
+
+impl Task for Hang {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        loop {
+            thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Leaks `mib` MiB (default 64) per run, touching every page so that the
+/// process's resident memory really grows.
+pub struct Leak {
+    mib: usize,
+}
+
+impl Leak {
+    /// Config: `{"mib": 64}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        Ok(Leak {
+            mib: config["mib"]
+                .as_u64()
+                .and_then(|m| usize::try_from(m).ok())
+                .unwrap_or(64),
+        })
+    }
+}
+
+impl Task for Leak {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        let leaked: &'static mut [u8] = vec![1u8; self.mib << 20].leak();
+        std::hint::black_box(&leaked);
+        Ok(json!({ "leaked_mib": self.mib }))
+    }
+}
+
+/// Sleeps `ms` milliseconds (default 20,000) in its constructor, then echoes.
+pub struct SlowNew;
+
+impl SlowNew {
+    /// Config: `{"ms": 20000}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        thread::sleep(Duration::from_millis(config["ms"].as_u64().unwrap_or(20_000)));
+        Ok(SlowNew)
+    }
+}
+
+impl Task for SlowNew {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        Ok(json!({ "submission": input.submission }))
+    }
+}
+
+/// Returns the names and values of the process's environment variables.
+pub struct Env;
+
+impl Env {
+    /// Takes no config.
+    pub fn new(_config: Value) -> Result<Self, TaskError> {
+        Ok(Env)
+    }
+}
+
+impl Task for Env {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        let vars: plugin_api::serde_json::Map<String, Value> = std::env::vars_os()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    Value::String(v.to_string_lossy().into_owned()),
+                )
+            })
+            .collect();
+        Ok(json!({ "env": vars, "pid": std::process::id() }))
+    }
+}
+
 plugin_api::export_plugin!(
+    "segfault" => Segfault::new,
+    "exit" => Exit::new,
+    "stack_overflow" => StackOverflow::new,
+    "hang" => Hang::new,
+    "leak" => Leak::new,
+    "slow_new" => SlowNew::new,
+    "env" => Env::new,
     "flaky" => Flaky::new,
     "abort" => Abort::new,
     "count" => Count::new,

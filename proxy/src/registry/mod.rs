@@ -66,6 +66,8 @@ pub struct TaskDef {
     pub max_attempts: i32,
     /// When the task was attached; results come in this order.
     pub created_at: DateTime<Utc>,
+    /// `process`, `in_process`, or `None` for the server's default.
+    pub isolation: Option<String>,
 }
 
 /// A task to attach to a form.
@@ -91,6 +93,8 @@ pub struct NewTask {
     pub timeout_ms: i32,
     /// How many attempts an asynchronous run gets.
     pub max_attempts: i32,
+    /// `process`, `in_process`, or `None` for the server's default.
+    pub isolation: Option<String>,
 }
 
 /// Connection settings for the registry.

@@ -57,6 +57,7 @@ diesel::table! {
         timeout_ms -> Int4,
         max_attempts -> Int4,
         created_at -> Timestamptz,
+        isolation -> Nullable<Text>,
     }
 }
 

@@ -31,6 +31,7 @@ fn async_task(
         enabled: true,
         timeout_ms: 10_000,
         max_attempts,
+        isolation: None,
     }
 }
 

@@ -63,6 +63,7 @@ async fn each_broken_task_fails_alone_and_the_next_call_is_served() {
         enabled: true,
         timeout_ms: 200,
         max_attempts: 1,
+        isolation: None,
     });
     db.attach(form, "last_echo", "echo", "echo", json!({}));
     let server = TestServer::start(&db.url, plugins.path()).await;

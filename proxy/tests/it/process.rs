@@ -61,6 +61,7 @@ async fn results_follow_attach_order_and_skip_disabled_and_async_tasks() {
         enabled: true,
         timeout_ms: 1000,
         max_attempts: 1,
+        isolation: None,
     };
     db.attach_with(NewTask {
         name: "off".into(),

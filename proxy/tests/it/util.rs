@@ -74,6 +74,7 @@ impl TestDb {
             enabled: true,
             timeout_ms: 5_000,
             max_attempts: 5,
+            isolation: None,
         })
     }
 
@@ -149,6 +150,8 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
     Config {
         db: db_config(db_url),
         plugins_dir: plugins.to_owned(),
+        hosts: proxy::plugins::HostConfig::new(test_support::daisy_bin()),
+        isolation: proxy::plugins::Isolation::Process,
         max_request_bytes: 64 * 1024,
         max_concurrent_tasks: 16,
         queue,

@@ -1,0 +1,305 @@
+//! Library files: names, builds, and private copies that are never loaded
+//! half-written.
+//!
+//! The plugins directory is the trust boundary. Module names match
+//! `^[A-Za-z0-9_]+$`, so no task row can point outside it. A library is
+//! never loaded from the directory itself: it is read once through one file
+//! descriptor into memory, checked for completeness, hashed, and written to
+//! a private copy that is checked again before anything loads it. A file
+//! that `cp` is still writing fails the completeness check, and whoever
+//! asked keeps using the build it already has.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::SystemTime,
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::PluginError;
+
+/// The file name the platform gives the library of `module`.
+pub fn library_file_name(module: &str) -> String {
+    format!(
+        "{}{module}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    )
+}
+
+/// Checks a module or func name against `^[A-Za-z0-9_]+$`.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), PluginError> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Ok(())
+    } else {
+        Err(PluginError::InvalidName {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// What identifies one state of a library file; any write, `touch` or
+/// rename changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    /// The fingerprint of `meta`.
+    pub fn of(meta: &fs::Metadata) -> Self {
+        Fingerprint {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// The current fingerprint of module `module`'s file in `dir`.
+pub fn fingerprint(dir: &Path, module: &str) -> Result<(PathBuf, Fingerprint), PluginError> {
+    validate_name("module", module)?;
+    let path = dir.join(library_file_name(module));
+    match fs::metadata(&path) {
+        Ok(meta) => Ok((path, Fingerprint::of(&meta))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(PluginError::NotFound {
+            module: module.to_owned(),
+            path,
+        }),
+        Err(err) => Err(PluginError::Load {
+            module: module.to_owned(),
+            reason: format!("reading '{}': {err}", path.display()),
+        }),
+    }
+}
+
+/// A complete, private copy of one build of a library.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The private copy, safe to load.
+    pub copy: PathBuf,
+    /// The installed file's fingerprint when it was read.
+    pub fingerprint: Fingerprint,
+    /// SHA-256 of the contents, in hex: the build's identity.
+    pub sha256: String,
+}
+
+/// Why a snapshot could not be taken.
+#[derive(Debug)]
+pub enum SnapshotError {
+    /// The file is still being written (or was left truncated): try later.
+    Incomplete(String),
+    /// The file cannot be used.
+    Failed(PluginError),
+}
+
+/// Private copies of library files, in a temporary directory removed when
+/// this is dropped.
+#[derive(Debug)]
+pub struct Copies {
+    dir: tempfile::TempDir,
+    next: AtomicU64,
+}
+
+impl Copies {
+    /// A new directory for private copies.
+    pub fn new() -> std::io::Result<Copies> {
+        Ok(Copies {
+            dir: tempfile::Builder::new()
+                .prefix("daisy-plugins-")
+                .tempdir()?,
+            next: AtomicU64::new(1),
+        })
+    }
+
+    /// Reads `path` (module `module`'s library) once, checks that it is
+    /// complete and was not changing meanwhile, and writes a private copy.
+    pub fn snapshot(&self, module: &str, path: &Path) -> Result<Snapshot, SnapshotError> {
+        let failed = |reason: String| {
+            SnapshotError::Failed(PluginError::Load {
+                module: module.to_owned(),
+                reason,
+            })
+        };
+        let mut file = fs::File::open(path)
+            .map_err(|err| failed(format!("opening '{}': {err}", path.display())))?;
+        let before = file
+            .metadata()
+            .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
+        let mut bytes = Vec::with_capacity(usize::try_from(before.len()).unwrap_or(0));
+        file.read_to_end(&mut bytes)
+            .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
+        let after = file
+            .metadata()
+            .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
+        let fingerprint = Fingerprint::of(&before);
+        if fingerprint != Fingerprint::of(&after) || bytes.len() as u64 != after.len() {
+            return Err(SnapshotError::Incomplete(format!(
+                "'{}' changed while it was read",
+                path.display()
+            )));
+        }
+        check_complete(&bytes).map_err(|why| {
+            SnapshotError::Incomplete(format!("'{}' is incomplete: {why}", path.display()))
+        })?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let copy = self.dir.path().join(format!(
+            "{}-{}",
+            self.next.fetch_add(1, Ordering::Relaxed),
+            library_file_name(module)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&copy)?;
+            out.write_all(&bytes)?;
+            out.sync_data()
+        };
+        write().map_err(|err| failed(format!("copying '{}': {err}", path.display())))?;
+        // Check the copy as the loader will see it.
+        let copied = fs::read(&copy)
+            .map_err(|err| failed(format!("reading the copy of '{}': {err}", path.display())))?;
+        if copied != bytes {
+            let _ = fs::remove_file(&copy);
+            return Err(failed(format!(
+                "the private copy of '{}' differs from what was read",
+                path.display()
+            )));
+        }
+        Ok(Snapshot {
+            copy,
+            fingerprint,
+            sha256,
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether an ELF file's headers, segments and section table all fit in
+/// `bytes`. `cp` writes from the start, so a file it is still writing ends
+/// before its section header table (which linkers put last). Files that
+/// are not ELF are left to the dynamic loader to refuse.
+///
+/// Only the few header fields this needs are read (the layout is fixed by
+/// the ELF specification), rather than parsing the whole file.
+pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if bytes.len() < 4 && b"\x7fELF".starts_with(bytes) {
+        return Err("the ELF header is cut short".into());
+    }
+    if !bytes.starts_with(b"\x7fELF") {
+        return Ok(());
+    }
+    let class64 = match bytes.get(4) {
+        Some(1) => false,
+        Some(2) => true,
+        _ => return Err("the ELF header is cut short".into()),
+    };
+    let little = match bytes.get(5) {
+        Some(1) => true,
+        Some(2) => false,
+        _ => return Err("the ELF header is cut short".into()),
+    };
+    let read = |at: usize, width: usize| -> Option<u64> {
+        let field = bytes.get(at..at + width)?;
+        let mut value = 0u64;
+        for i in 0..width {
+            let byte = if little { field[width - 1 - i] } else { field[i] };
+            value = (value << 8) | u64::from(byte);
+        }
+        Some(value)
+    };
+    let short = || "the ELF header is cut short".to_owned();
+    // (e_phoff, e_shoff, e_phentsize, e_phnum, e_shentsize, e_shnum) offsets.
+    let (phoff, shoff, sizes, word) = if class64 {
+        (0x20, 0x28, 0x36, 8)
+    } else {
+        (0x1c, 0x20, 0x2a, 4)
+    };
+    let phoff = read(phoff, word).ok_or_else(short)?;
+    let shoff = read(shoff, word).ok_or_else(short)?;
+    let phentsize = read(sizes, 2).ok_or_else(short)?;
+    let phnum = read(sizes + 2, 2).ok_or_else(short)?;
+    let shentsize = read(sizes + 4, 2).ok_or_else(short)?;
+    let shnum = read(sizes + 6, 2).ok_or_else(short)?;
+    let len = bytes.len() as u64;
+    let end = |offset: u64, size: u64| offset.checked_add(size).filter(|&e| e <= len);
+    end(phoff, phentsize * phnum).ok_or("its program headers lie past its end")?;
+    end(shoff, shentsize * shnum).ok_or("its section header table lies past its end")?;
+    for i in 0..phnum {
+        let entry = usize::try_from(phoff + i * phentsize).map_err(|_| short())?;
+        let (p_offset, p_filesz) = if class64 {
+            (read(entry + 8, 8), read(entry + 32, 8))
+        } else {
+            (read(entry + 4, 4), read(entry + 16, 4))
+        };
+        let (Some(offset), Some(filesz)) = (p_offset, p_filesz) else {
+            return Err(short());
+        };
+        end(offset, filesz).ok_or("a segment lies past its end")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_leave_the_directory_are_refused() {
+        for bad in ["", "../etc", "a/b", "a.b", "lib echo", "échο", "a\0b"] {
+            assert!(validate_name("module", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["echo", "Sheets_2", "_x"] {
+            assert!(validate_name("module", good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn a_library_cut_anywhere_is_incomplete() {
+        // This test binary is an ELF file with program and section headers.
+        let whole = fs::read(std::env::current_exe().expect("test binary")).expect("reading");
+        assert_eq!(check_complete(&whole), Ok(()));
+        for cut in [0, 3, 40, 64, 4096, whole.len() / 2, whole.len() - 1] {
+            assert!(
+                check_complete(&whole[..cut]).is_err(),
+                "cut at {cut} of {} passed",
+                whole.len()
+            );
+        }
+    }
+
+    #[test]
+    fn snapshot_refuses_a_truncated_file_and_copies_a_whole_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copies = Copies::new().expect("copies");
+        let whole = fs::read(std::env::current_exe().expect("test binary")).expect("reading");
+        let path = dir.path().join("libx.so");
+        fs::write(&path, &whole[..whole.len() / 3]).expect("writing");
+        assert!(matches!(
+            copies.snapshot("x", &path),
+            Err(SnapshotError::Incomplete(_))
+        ));
+        fs::write(&path, &whole).expect("writing");
+        let snapshot = copies.snapshot("x", &path).expect("a whole file");
+        assert_eq!(fs::read(&snapshot.copy).expect("copy"), whole);
+        assert_eq!(snapshot.sha256.len(), 64);
+    }
+}
