@@ -32,6 +32,9 @@ pub enum Outcome {
     },
     /// The task did not finish within its `timeout_ms`.
     TimedOut(String),
+    /// The task's plugin host died with the run in flight; the message
+    /// names the library and the cause.
+    Crashed(String),
 }
 
 /// The result of one run.
@@ -120,6 +123,7 @@ impl Executor {
             }
             Outcome::Failed { error, .. } => tracing::warn!(error = %error, "task failed"),
             Outcome::TimedOut(error) => tracing::warn!(error = %error, "task timed out"),
+            Outcome::Crashed(error) => tracing::error!(error = %error, "task's plugin host crashed"),
         });
         RunResult { outcome, duration }
     }

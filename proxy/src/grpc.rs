@@ -165,7 +165,9 @@ impl PostSubProxy for Service {
                     Outcome::Succeeded(output) => {
                         (PbOutcome::Succeeded, Some(output), String::new())
                     }
-                    Outcome::Failed { error, .. } => (PbOutcome::Failed, None, error),
+                    Outcome::Failed { error, .. } | Outcome::Crashed(error) => {
+                        (PbOutcome::Failed, None, error)
+                    }
                     Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, error),
                 };
                 let logged =

@@ -237,6 +237,10 @@ struct WorkerArgs {
     /// This worker's name in the attempt log (default: host and pid).
     #[arg(long, env = "DAISY_WORKER_NAME")]
     name: Option<String>,
+    /// A run that was in flight in this many crashes of its plugin host is
+    /// dead (its neighbours in those crashes are retried as usual).
+    #[arg(long, env = "DAISY_MAX_CRASHES", default_value_t = 3)]
+    max_crashes: u32,
 }
 
 #[derive(Subcommand)]
@@ -464,6 +468,7 @@ fn try_main() -> anyhow::Result<()> {
                 max_concurrent_tasks: args.max_concurrent_tasks,
                 retry_base: Duration::from_millis(args.retry_base_ms),
                 retry_max: Duration::from_millis(args.retry_max_ms),
+                max_crashes: args.max_crashes.max(1),
                 name: args.name.unwrap_or_else(|| {
                     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                     format!("{}-{}", host.trim(), std::process::id())

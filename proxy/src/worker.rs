@@ -49,10 +49,15 @@ pub struct WorkerConfig {
     pub retry_max: Duration,
     /// This worker's name in the attempt log.
     pub name: String,
+    /// Crashes of its plugin host a run may be in flight for before it is dead.
+    pub max_crashes: u32,
 }
 
 /// Runs claimed or finished per database statement, at most.
 const BATCH: usize = 256;
+
+/// Runs whose plugin-host crashes a worker remembers at once.
+const MAX_CRASH_COUNTS: usize = 10_000;
 
 struct Context {
     registry: Registry,
@@ -64,6 +69,9 @@ struct Context {
     finishes: Batcher<(Claimed, Finish), ()>,
     catalog: Catalog,
     executor: Executor,
+    /// How many plugin-host crashes each run was in flight for (this
+    /// worker's count; bounded, forgotten when the run finishes).
+    crashes: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, u32>>,
     config: WorkerConfig,
     shutdown: watch::Receiver<bool>,
 }
@@ -111,6 +119,7 @@ pub async fn run(
         finishes,
         catalog,
         executor,
+        crashes: std::sync::Mutex::default(),
         config: config.clone(),
         shutdown: stop_rx.clone(),
     });
@@ -290,8 +299,35 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
     let attempt = u32::try_from(claimed.attempt).unwrap_or(1);
     let result = ctx.executor.run(task, submission, attempt).await;
     let exhausted = claimed.attempt >= claimed.max_attempts;
+    let crashes = {
+        let mut counts = ctx.crashes.lock().expect("crash counts poisoned");
+        let crashed = matches!(result.outcome, Outcome::Crashed(_));
+        let count = if crashed {
+            if counts.len() >= MAX_CRASH_COUNTS {
+                // Bounded: forget an arbitrary run's count.
+                if let Some(&any) = counts.keys().next() {
+                    counts.remove(&any);
+                }
+            }
+            let count = counts.entry(claimed.run_id).or_insert(0);
+            *count += 1;
+            *count
+        } else {
+            0
+        };
+        if !crashed || count >= ctx.config.max_crashes {
+            counts.remove(&claimed.run_id);
+        }
+        count
+    };
     let (error, retryable, asked) = match result.outcome {
         Outcome::Succeeded(output) => return Finish::Succeeded(output),
+        Outcome::Crashed(error) if crashes >= ctx.config.max_crashes.max(1) => {
+            return Finish::Dead {
+                error: format!("its plugin host crashed {crashes} times while running it: {error}"),
+            };
+        }
+        Outcome::Crashed(error) => (error, true, None),
         Outcome::Failed {
             error,
             retryable,

@@ -137,8 +137,7 @@ impl Plugins {
         let timed_out = || {
             Outcome::TimedOut(format!(
                 "task '{}' timed out after {} ms",
-                task.name,
-                timeout.as_millis()
+                task.name, task.timeout_ms
             ))
         };
         match self.isolation(task) {
@@ -163,11 +162,7 @@ impl Plugins {
                         retryable: true,
                         retry_after: None,
                     },
-                    Err(CallError::HostDied(why)) => Outcome::Failed {
-                        error: why,
-                        retryable: true,
-                        retry_after: None,
-                    },
+                    Err(CallError::HostDied(why)) => Outcome::Crashed(why),
                     Err(CallError::TimedOut) => timed_out(),
                 }
             }

@@ -321,7 +321,10 @@ impl Supervisor {
         let started = Instant::now();
         let snapshot = loop {
             let copies = &self.copies;
-            let result = tokio::task::block_in_place(|| copies.snapshot(name, &path));
+            // Blocking I/O on this thread, but only when a new build
+            // appears (a few ms for a library of some MiB), and it must work
+            // on the CLI's single-threaded runtime too.
+            let result = copies.snapshot(name, &path);
             match result {
                 Ok(snapshot) => break snapshot,
                 Err(SnapshotError::Incomplete(why)) => match &current {
@@ -578,6 +581,8 @@ struct Host {
     dead: AtomicBool,
     kill: Notify,
     last_used: Mutex<Instant>,
+    /// How long it may finish other calls once a timeout retires it.
+    grace: Duration,
 }
 
 impl Host {
@@ -681,6 +686,7 @@ impl Host {
             dead: AtomicBool::new(false),
             kill: Notify::new(),
             last_used: Mutex::new(Instant::now()),
+            grace: config.recycle_grace,
         });
         tokio::spawn(write_frames(writer, queued));
         tokio::spawn(read_replies(host.clone(), reader, child));
@@ -740,7 +746,7 @@ impl Host {
             ))),
             Err(_) => {
                 tracing::warn!(plugin.module = %self.module, host.pid = self.pid, "a run passed its timeout; recycling its plugin host");
-                self.retire(Duration::from_secs(10));
+                self.retire(self.grace);
                 Err(CallError::TimedOut)
             }
         }

@@ -499,7 +499,12 @@ async fn a_run_that_kills_every_worker_ends_dead_and_others_are_unaffected() {
     plugins.install("testkit", "testkit");
     let queue = TestQueue::new();
     let (poison_form, good_form) = (Uuid::new_v4(), Uuid::new_v4());
-    db.attach_with(async_task(poison_form, "abort", "abort", json!({}), 5));
+    // In-process, so that it kills the worker itself (in a plugin host it
+    // would kill only the host: see the plugin-host tests).
+    db.attach_with(NewTask {
+        isolation: Some("in_process".into()),
+        ..async_task(poison_form, "abort", "abort", json!({}), 5)
+    });
     db.attach_with(async_task(
         good_form,
         "fine",
