@@ -71,9 +71,7 @@ fn instance_lookup(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let daisy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/daisy");
     let plugins = runtime
-        .block_on(async {
-            Plugins::new(dir.path(), HostConfig::new(daisy), Isolation::Process)
-        })
+        .block_on(async { Plugins::new(dir.path(), HostConfig::new(daisy), Isolation::Process) })
         .expect("loader");
     let submission = Submission {
         form_id: "f".into(),

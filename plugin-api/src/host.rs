@@ -15,7 +15,7 @@ use abi_stable::{
 
 use crate::{
     TaskError, Value,
-    ffi::{ErrorKind, FfiError, FfiInput, TaskBaseBox, PluginModRef},
+    ffi::{ErrorKind, FfiError, FfiInput, PluginModRef, TaskBaseBox},
 };
 
 /// Why a library could not be loaded.

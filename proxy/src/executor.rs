@@ -32,9 +32,14 @@ pub enum Outcome {
     },
     /// The task did not finish within its `timeout_ms`.
     TimedOut(String),
-    /// The task's plugin host died with the run in flight; the message
-    /// names the library and the cause.
-    Crashed(String),
+    /// The task's plugin host died with the run in flight.
+    Crashed {
+        /// What happened, naming the library and the cause.
+        error: String,
+        /// Whether this task likely caused it (it crashes more than it
+        /// finishes), rather than being a neighbour in flight.
+        suspect: bool,
+    },
 }
 
 /// The result of one run.
@@ -123,7 +128,9 @@ impl Executor {
             }
             Outcome::Failed { error, .. } => tracing::warn!(error = %error, "task failed"),
             Outcome::TimedOut(error) => tracing::warn!(error = %error, "task timed out"),
-            Outcome::Crashed(error) => tracing::error!(error = %error, "task's plugin host crashed"),
+            Outcome::Crashed { error, .. } => {
+                tracing::error!(error = %error, "task's plugin host crashed")
+            }
         });
         RunResult { outcome, duration }
     }

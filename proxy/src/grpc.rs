@@ -165,7 +165,7 @@ impl PostSubProxy for Service {
                     Outcome::Succeeded(output) => {
                         (PbOutcome::Succeeded, Some(output), String::new())
                     }
-                    Outcome::Failed { error, .. } | Outcome::Crashed(error) => {
+                    Outcome::Failed { error, .. } | Outcome::Crashed { error, .. } => {
                         (PbOutcome::Failed, None, error)
                     }
                     Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, error),

@@ -301,7 +301,9 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
     let exhausted = claimed.attempt >= claimed.max_attempts;
     let crashes = {
         let mut counts = ctx.crashes.lock().expect("crash counts poisoned");
-        let crashed = matches!(result.outcome, Outcome::Crashed(_));
+        // Only crashes this run's task likely caused count against it; a
+        // neighbour in flight is retried as usual.
+        let crashed = matches!(result.outcome, Outcome::Crashed { suspect: true, .. });
         let count = if crashed {
             if counts.len() >= MAX_CRASH_COUNTS {
                 // Bounded: forget an arbitrary run's count.
@@ -322,12 +324,12 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
     };
     let (error, retryable, asked) = match result.outcome {
         Outcome::Succeeded(output) => return Finish::Succeeded(output),
-        Outcome::Crashed(error) if crashes >= ctx.config.max_crashes.max(1) => {
+        Outcome::Crashed { error, .. } if crashes >= ctx.config.max_crashes.max(1) => {
             return Finish::Dead {
                 error: format!("its plugin host crashed {crashes} times while running it: {error}"),
             };
         }
-        Outcome::Crashed(error) => (error, true, None),
+        Outcome::Crashed { error, .. } => (error, true, None),
         Outcome::Failed {
             error,
             retryable,

@@ -331,7 +331,9 @@ pub struct SlowNew;
 impl SlowNew {
     /// Config: `{"ms": 20000}`.
     pub fn new(config: Value) -> Result<Self, TaskError> {
-        thread::sleep(Duration::from_millis(config["ms"].as_u64().unwrap_or(20_000)));
+        thread::sleep(Duration::from_millis(
+            config["ms"].as_u64().unwrap_or(20_000),
+        ));
         Ok(SlowNew)
     }
 }

@@ -221,7 +221,11 @@ pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
         let field = bytes.get(at..at + width)?;
         let mut value = 0u64;
         for i in 0..width {
-            let byte = if little { field[width - 1 - i] } else { field[i] };
+            let byte = if little {
+                field[width - 1 - i]
+            } else {
+                field[i]
+            };
             value = (value << 8) | u64::from(byte);
         }
         Some(value)

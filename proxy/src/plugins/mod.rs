@@ -162,7 +162,9 @@ impl Plugins {
                         retryable: true,
                         retry_after: None,
                     },
-                    Err(CallError::HostDied(why)) => Outcome::Crashed(why),
+                    Err(CallError::HostDied { error, suspect }) => {
+                        Outcome::Crashed { error, suspect }
+                    }
                     Err(CallError::TimedOut) => timed_out(),
                 }
             }

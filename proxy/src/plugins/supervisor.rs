@@ -101,8 +101,15 @@ pub enum CallError {
     Plugin(PluginError),
     /// The task is quarantined.
     Quarantined(String),
-    /// The host died with the call in flight.
-    HostDied(String),
+    /// The host died with the call in flight. `suspect`: this task's record
+    /// (crashes against clean runs) makes it a likely cause, rather than a
+    /// neighbour that happened to be in flight.
+    HostDied {
+        /// What happened, naming the library and the cause.
+        error: String,
+        /// Whether this task likely caused it.
+        suspect: bool,
+    },
     /// The deadline passed; the host is being recycled.
     TimedOut,
 }
@@ -138,6 +145,8 @@ pub struct Supervisor {
     copies: Copies,
     modules: Mutex<HashMap<String, Arc<Module>>>,
     quarantine: Mutex<HashMap<(String, String), Strikes>>,
+    /// How many tasks have a record in `quarantine` (0: skip the lock).
+    striking: AtomicUsize,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -177,11 +186,23 @@ struct Slot {
     crashes: Mutex<VecDeque<Instant>>,
 }
 
+/// A task's record since its first crash within the window. A crash fails
+/// every run in flight on its host, so the tasks beside the culprit get
+/// strikes too; but they also finish runs cleanly, and the culprit does not.
 #[derive(Default)]
 struct Strikes {
     /// Crashes with the task in flight: when, and which host (pid).
     crashes: VecDeque<(Instant, u32)>,
+    /// Runs of the task that finished cleanly since its first strike.
+    clean: usize,
     until: Option<Instant>,
+}
+
+impl Strikes {
+    /// Whether this task, rather than its neighbours, likely crashes its host.
+    fn suspect(&self) -> bool {
+        self.clean < self.crashes.len()
+    }
 }
 
 impl Supervisor {
@@ -193,6 +214,7 @@ impl Supervisor {
             copies: Copies::new()?,
             modules: Mutex::default(),
             quarantine: Mutex::default(),
+            striking: AtomicUsize::new(0),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(reap(Arc::downgrade(&supervisor)));
@@ -224,20 +246,34 @@ impl Supervisor {
             Ok(Err(err)) => return Err(CallError::Plugin(err)),
             Err(_) => return Err(CallError::TimedOut),
         };
-        let result = host.call(&call, deadline).await;
-        match &result {
-            Err(CallError::HostDied(_)) => self.strike(&build, call.func, host.pid),
+        let mut result = host.call(&call, deadline).await;
+        match &mut result {
+            Err(CallError::HostDied { suspect, .. }) => {
+                *suspect = self.strike(&build, call.func, host.pid);
+            }
             Ok(reply) => {
+                if reply.error.is_none() {
+                    self.clean_run(&build, call.func);
+                }
                 let runs = host.runs.fetch_add(1, Ordering::Relaxed) + 1;
                 let over_memory = reply
                     .error
                     .as_ref()
                     .is_some_and(|e| e.kind == ErrorKind::OverMemory as i32);
                 if over_memory {
-                    tracing::warn!(plugin.module = call.module, host.pid = host.pid, "plugin host went over its memory limit; recycling it");
+                    tracing::warn!(
+                        plugin.module = call.module,
+                        host.pid = host.pid,
+                        "plugin host went over its memory limit; recycling it"
+                    );
                     host.retire(self.config.recycle_grace);
                 } else if self.config.max_runs > 0 && runs >= self.config.max_runs {
-                    tracing::info!(plugin.module = call.module, host.pid = host.pid, runs, "plugin host reached its run budget; recycling it");
+                    tracing::info!(
+                        plugin.module = call.module,
+                        host.pid = host.pid,
+                        runs,
+                        "plugin host reached its run budget; recycling it"
+                    );
                     host.retire(self.config.recycle_grace);
                 }
             }
@@ -256,7 +292,9 @@ impl Supervisor {
             .lock()
             .expect("quarantine poisoned")
             .iter()
-            .filter(|((sha, _), s)| *sha == build.sha256 && s.until.is_some_and(|u| u > Instant::now()))
+            .filter(|((sha, _), s)| {
+                *sha == build.sha256 && s.until.is_some_and(|u| u > Instant::now())
+            })
             .map(|((_, func), s)| (func.clone(), s.crashes.len()))
             .collect();
         Ok(info)
@@ -311,7 +349,8 @@ impl Supervisor {
             None => module.loading.lock().await,
         };
         // Someone may have loaded it while we waited.
-        let (path, fingerprint) = files::fingerprint(&self.dir, name).unwrap_or((path, fingerprint));
+        let (path, fingerprint) =
+            files::fingerprint(&self.dir, name).unwrap_or((path, fingerprint));
         let current = module.current.lock().expect("build poisoned").clone();
         if let Some(build) = &current {
             if *build.fingerprint.lock().expect("fingerprint poisoned") == fingerprint {
@@ -342,7 +381,9 @@ impl Supervisor {
                         });
                     }
                 },
-                Err(SnapshotError::Failed(err)) => return self.failed(&module, fingerprint, err, current),
+                Err(SnapshotError::Failed(err)) => {
+                    return self.failed(&module, fingerprint, err, current);
+                }
             }
         };
         if let Some(build) = current.as_ref().filter(|b| b.sha256 == snapshot.sha256) {
@@ -416,7 +457,8 @@ impl Supervisor {
 
     /// A live host of `build`, starting one if its slot has none.
     async fn host(&self, build: &Arc<Build>) -> Result<Arc<Host>, PluginError> {
-        let slot = &build.slots[build.next_slot.fetch_add(1, Ordering::Relaxed) % build.slots.len()];
+        let slot =
+            &build.slots[build.next_slot.fetch_add(1, Ordering::Relaxed) % build.slots.len()];
         let usable = || {
             slot.host
                 .lock()
@@ -437,7 +479,9 @@ impl Supervisor {
                 let mut crashes = slot.crashes.lock().expect("crashes poisoned");
                 crashes.push_back(Instant::now());
                 while crashes.len() > 8
-                    || crashes.front().is_some_and(|t| t.elapsed() > Duration::from_secs(30))
+                    || crashes
+                        .front()
+                        .is_some_and(|t| t.elapsed() > Duration::from_secs(30))
                 {
                     crashes.pop_front();
                 }
@@ -455,31 +499,58 @@ impl Supervisor {
     }
 
     fn quarantined(&self, build: &Build, func: &str) -> Option<String> {
+        if self.striking.load(Ordering::Acquire) == 0 {
+            return None; // the hot path: no task has crashed lately
+        }
         let mut quarantine = self.quarantine.lock().expect("quarantine poisoned");
         let key = (build.sha256.clone(), func.to_owned());
         let strikes = quarantine.get_mut(&key)?;
+        let now = Instant::now();
         match strikes.until {
-            Some(until) if until > Instant::now() => Some(format!(
+            Some(until) if until > now => Some(format!(
                 "task '{func}' of plugin '{}' is quarantined after {} crashes of its plugin host; it runs again once a new build is dropped in, or in {} s",
                 build.module,
                 strikes.crashes.len(),
-                (until - Instant::now()).as_secs() + 1
+                (until - now).as_secs() + 1
             )),
-            Some(_) => {
-                quarantine.remove(&key);
+            _ => {
+                // A quarantine that ended, or a record whose crashes are
+                // all older than the window, is forgotten.
+                let stale = strikes
+                    .crashes
+                    .back()
+                    .is_none_or(|(t, _)| now.duration_since(*t) > self.config.quarantine_window);
+                if strikes.until.is_some() || stale {
+                    quarantine.remove(&key);
+                    self.striking.fetch_sub(1, Ordering::AcqRel);
+                }
                 None
             }
-            None => None,
         }
     }
 
-    fn strike(&self, build: &Build, func: &str, pid: u32) {
+    /// Notes a clean run of a task with strikes against it.
+    fn clean_run(&self, build: &Build, func: &str) {
+        if self.striking.load(Ordering::Acquire) == 0 {
+            return; // the hot path: no task has crashed lately
+        }
         let mut quarantine = self.quarantine.lock().expect("quarantine poisoned");
-        let strikes = quarantine
-            .entry((build.sha256.clone(), func.to_owned()))
-            .or_default();
+        if let Some(strikes) = quarantine.get_mut(&(build.sha256.clone(), func.to_owned())) {
+            strikes.clean += 1;
+        }
+    }
+
+    /// Records that `func`'s run was in flight when host `pid` crashed;
+    /// returns whether the task is a likely cause.
+    fn strike(&self, build: &Build, func: &str, pid: u32) -> bool {
+        let mut quarantine = self.quarantine.lock().expect("quarantine poisoned");
+        let key = (build.sha256.clone(), func.to_owned());
+        if !quarantine.contains_key(&key) {
+            self.striking.fetch_add(1, Ordering::AcqRel);
+        }
+        let strikes = quarantine.entry(key).or_default();
         if strikes.crashes.iter().any(|&(_, p)| p == pid) {
-            return; // one crash, several runs of the task in flight
+            return strikes.suspect(); // one crash, several runs of the task in flight
         }
         let now = Instant::now();
         strikes.crashes.push_back((now, pid));
@@ -491,7 +562,10 @@ impl Supervisor {
             strikes.crashes.pop_front();
         }
         let count = strikes.crashes.len();
-        if strikes.until.is_none() && count >= self.config.quarantine_after.max(1) as usize {
+        if strikes.until.is_none()
+            && count >= self.config.quarantine_after.max(1) as usize
+            && strikes.suspect()
+        {
             strikes.until = Some(now + self.config.quarantine_window);
             tracing::error!(
                 plugin.module = %build.module,
@@ -502,6 +576,7 @@ impl Supervisor {
                 self.config.quarantine_window.as_secs()
             );
         }
+        strikes.suspect()
     }
 
     /// Retires hosts idle for longer than the idle timeout.
@@ -518,11 +593,16 @@ impl Supervisor {
                 continue;
             };
             for slot in &build.slots {
-                let idle = slot.host.lock().expect("slot poisoned").clone().filter(|h| {
-                    h.inflight.load(Ordering::Acquire) == 0
-                        && h.last_used.lock().expect("last use poisoned").elapsed()
-                            > self.config.idle_timeout
-                });
+                let idle = slot
+                    .host
+                    .lock()
+                    .expect("slot poisoned")
+                    .clone()
+                    .filter(|h| {
+                        h.inflight.load(Ordering::Acquire) == 0
+                            && h.last_used.lock().expect("last use poisoned").elapsed()
+                                > self.config.idle_timeout
+                    });
                 if let Some(host) = idle {
                     tracing::debug!(plugin.module = %build.module, host.pid = host.pid, "stopping an idle plugin host");
                     host.retire(Duration::ZERO);
@@ -551,7 +631,9 @@ impl Build {
 
 async fn reap(supervisor: Weak<Supervisor>) {
     let every = match supervisor.upgrade() {
-        Some(s) => (s.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        Some(s) => {
+            (s.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+        }
         None => return,
     };
     loop {
@@ -614,7 +696,11 @@ impl Host {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for name in BASE_ENV.iter().copied().chain(config.env.iter().map(String::as_str)) {
+        for name in BASE_ENV
+            .iter()
+            .copied()
+            .chain(config.env.iter().map(String::as_str))
+        {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
             }
@@ -636,8 +722,20 @@ impl Host {
         })?;
         let pid = child.id().unwrap_or(0);
         for (stream, out) in [
-            ("stdout", child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-            ("stderr", child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
+            (
+                "stdout",
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            ),
+            (
+                "stderr",
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            ),
         ] {
             if let Some(out) = out {
                 tokio::spawn(forward_output(module.to_owned(), pid, stream, out));
@@ -648,23 +746,24 @@ impl Host {
         let socket = tokio::net::UnixStream::from_std(ours)
             .map_err(|err| error(format!("setting up the host's socket: {err}")))?;
         let (mut reader, writer) = socket.into_split();
-        let hello = match tokio::time::timeout(config.start_timeout, wire::read_async(&mut reader)).await {
-            Ok(Ok(Some(body))) => Hello::decode(&body[..])
-                .map_err(|err| error(format!("the plugin host sent a bad hello: {err}")))?,
-            Ok(_) => {
-                let status = child.wait().await.ok();
-                return Err(error(format!(
-                    "plugin host died while loading the library: {}",
-                    describe(status)
-                )));
-            }
-            Err(_) => {
-                return Err(error(format!(
-                    "loading the library took longer than {} ms",
-                    config.start_timeout.as_millis()
-                )));
-            }
-        };
+        let hello =
+            match tokio::time::timeout(config.start_timeout, wire::read_async(&mut reader)).await {
+                Ok(Ok(Some(body))) => Hello::decode(&body[..])
+                    .map_err(|err| error(format!("the plugin host sent a bad hello: {err}")))?,
+                Ok(_) => {
+                    let status = child.wait().await.ok();
+                    return Err(error(format!(
+                        "plugin host died while loading the library: {}",
+                        describe(status)
+                    )));
+                }
+                Err(_) => {
+                    return Err(error(format!(
+                        "loading the library took longer than {} ms",
+                        config.start_timeout.as_millis()
+                    )));
+                }
+            };
         if !hello.error.is_empty() {
             return Err(error(hello.error.replace(
                 &library.display().to_string(),
@@ -690,7 +789,11 @@ impl Host {
         });
         tokio::spawn(write_frames(writer, queued));
         tokio::spawn(read_replies(host.clone(), reader, child));
-        tracing::debug!(plugin.module = module, host.pid = pid, "plugin host started");
+        tracing::debug!(
+            plugin.module = module,
+            host.pid = pid,
+            "plugin host started"
+        );
         Ok((host, hello))
     }
 
@@ -736,14 +839,14 @@ impl Host {
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(cause))) => Err(CallError::HostDied(format!(
-                "plugin host for '{}' died: {cause}",
-                self.module
-            ))),
-            Ok(Err(_)) => Err(CallError::HostDied(format!(
-                "plugin host for '{}' died",
-                self.module
-            ))),
+            Ok(Ok(Err(cause))) => Err(CallError::HostDied {
+                error: format!("plugin host for '{}' died: {cause}", self.module),
+                suspect: true,
+            }),
+            Ok(Err(_)) => Err(CallError::HostDied {
+                error: format!("plugin host for '{}' died", self.module),
+                suspect: true,
+            }),
             Err(_) => {
                 tracing::warn!(plugin.module = %self.module, host.pid = self.pid, "a run passed its timeout; recycling its plugin host");
                 self.retire(self.grace);

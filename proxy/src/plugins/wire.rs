@@ -115,9 +115,7 @@ pub fn encode(message: &impl prost::Message, out: &mut Vec<u8>) {
     let len = message.encoded_len();
     out.reserve(4 + len);
     out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-    message
-        .encode(out)
-        .expect("a Vec grows to fit any message");
+    message.encode(out).expect("a Vec grows to fit any message");
 }
 
 /// Reads one frame's body from a blocking reader; `None` at a clean end.
@@ -188,9 +186,15 @@ mod tests {
         encode(&b, &mut buf);
         let mut reader = std::io::Cursor::new(buf);
         let first = read_blocking(&mut reader).expect("read").expect("a frame");
-        assert_eq!(<Request as prost::Message>::decode(&first[..]).expect("decode"), a);
+        assert_eq!(
+            <Request as prost::Message>::decode(&first[..]).expect("decode"),
+            a
+        );
         let second = read_blocking(&mut reader).expect("read").expect("a frame");
-        assert_eq!(<Reply as prost::Message>::decode(&second[..]).expect("decode"), b);
+        assert_eq!(
+            <Reply as prost::Message>::decode(&second[..]).expect("decode"),
+            b
+        );
         assert!(read_blocking(&mut reader).expect("read").is_none());
     }
 

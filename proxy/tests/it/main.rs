@@ -7,6 +7,7 @@ mod asynchronous;
 mod cli;
 mod database;
 mod faults;
+mod hosts;
 mod hot_reload;
 mod process;
 mod service;
