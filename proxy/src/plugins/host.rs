@@ -259,7 +259,7 @@ fn resident_mib() -> u64 {
         .unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    pages * page >> 20
+    (pages * page) >> 20
 }
 
 /// Leaves without running atexit handlers or destructors: plugin threads

@@ -108,7 +108,16 @@ async fn crashing_hanging_and_leaking_tasks_fail_alone_while_another_form_is_ser
     let good = Uuid::new_v4();
     db.attach(good, "echo", "echo", "echo", json!({}));
     // (task, module, func, config, timeout, outcome, what its error names)
-    let cases: [(&str, &str, &str, Value, i32, Outcome, &[&str]); 8] = [
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Value,
+        i32,
+        Outcome,
+        &'static [&'static str],
+    );
+    let cases: [Case; 8] = [
         (
             "segfault",
             "testkit",
