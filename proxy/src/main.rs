@@ -383,10 +383,13 @@ enum TaskCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// List the libraries in the plugins directory, their tasks, and whether they load.
+    /// List the libraries in the plugins directory, their tasks, whether
+    /// they load, and (from the database) which tasks are quarantined.
     List {
         #[command(flatten)]
         plugins: PluginsArgs,
+        #[command(flatten)]
+        db: DbArgs,
     },
 }
 
@@ -492,7 +495,9 @@ fn try_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Task(command) => task(command),
-        Command::Plugin(PluginCommand::List { plugins }) => plugin_list(&plugins.plugins_dir),
+        Command::Plugin(PluginCommand::List { plugins, db }) => {
+            plugin_list(&plugins.plugins_dir, &db)
+        }
         Command::Process {
             server,
             form,
@@ -720,8 +725,13 @@ fn check_plugin(dir: &std::path::Path, module: &str, func: &str) {
     plugins.shutdown();
 }
 
-fn plugin_list(dir: &std::path::Path) -> anyhow::Result<()> {
+fn plugin_list(dir: &std::path::Path, db: &DbArgs) -> anyhow::Result<()> {
     let (runtime, plugins) = cli_plugins(dir)?;
+    let registry = Registry::new(&DbConfig {
+        timeout: Duration::from_millis(db.db_timeout_ms.min(2000)),
+        ..db.config()
+    });
+    let mut database_down = false;
     let modules = plugins
         .modules()
         .with_context(|| format!("reading plugins directory '{}'", dir.display()))?;
@@ -730,13 +740,34 @@ fn plugin_list(dir: &std::path::Path) -> anyhow::Result<()> {
     }
     for module in modules {
         match runtime.block_on(plugins.inspect(&module)) {
-            Ok(info) => println!(
-                "{module}\tok\t{} {} (plugin-api {})\ttasks: {}",
-                info.name,
-                info.version,
-                info.api_version,
-                info.tasks.join(", ")
-            ),
+            Ok(info) => {
+                println!(
+                    "{module}\tok\t{} {} (plugin-api {})\ttasks: {}",
+                    info.name,
+                    info.version,
+                    info.api_version,
+                    info.tasks.join(", ")
+                );
+                if database_down {
+                    continue;
+                }
+                match registry.quarantines(&module) {
+                    Ok(quarantines) => {
+                        for q in quarantines.iter().filter(|q| q.sha256 == info.sha256) {
+                            println!(
+                                "{module}\tquarantined\t{}: after {} crashes of its plugin host, until {} or a new build",
+                                q.func,
+                                q.crashes,
+                                q.until.format("%Y-%m-%d %H:%M:%S UTC")
+                            );
+                        }
+                    }
+                    Err(err) => {
+                        database_down = true;
+                        eprintln!("warning: quarantines not shown: {err}");
+                    }
+                }
+            }
             Err(err) => println!("{module}\terror\t{err}"),
         }
     }

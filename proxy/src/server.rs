@@ -38,6 +38,7 @@ pub async fn run(
             }
         }
     }));
+    plugins.record_quarantines_in(registry.clone());
     let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks);
     let publisher = Arc::new(Publisher::new(config.queue.clone()));
     let outbox = Outbox::new(registry.clone(), publisher);

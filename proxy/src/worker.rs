@@ -96,6 +96,7 @@ pub async fn run(
             }
         }
     });
+    plugins.record_quarantines_in(registry.clone());
     let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks.max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

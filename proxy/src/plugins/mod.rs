@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 pub use self::{
     files::{library_file_name, validate_name},
-    supervisor::HostConfig,
+    supervisor::{HostConfig, Quarantined},
 };
 use self::{
     inproc::InProcess,
@@ -209,6 +209,27 @@ impl Plugins {
     /// The modules whose libraries are in the plugins directory, by name.
     pub fn modules(&self) -> std::io::Result<Vec<String>> {
         modules_in(&self.dir)
+    }
+
+    /// Records each new quarantine in `registry`, where `daisy plugin list`
+    /// reads it.
+    pub fn record_quarantines_in(&self, registry: crate::registry::Registry) {
+        self.hosts.on_quarantine(Arc::new(move |q: Quarantined| {
+            let registry = registry.clone();
+            let record = crate::registry::Quarantine {
+                module: q.module,
+                sha256: q.sha256,
+                func: q.func,
+                crashes: i32::try_from(q.crashes).unwrap_or(i32::MAX),
+                until: q.until.into(),
+            };
+            // Off the caller's thread: it may be an async one.
+            std::thread::spawn(move || {
+                if let Err(err) = registry.record_quarantine(&record) {
+                    tracing::warn!(error = %err, "recording a quarantine failed");
+                }
+            });
+        }));
     }
 
     /// Stops every plugin host.

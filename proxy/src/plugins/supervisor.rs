@@ -147,6 +147,26 @@ pub struct Supervisor {
     quarantine: Mutex<HashMap<(String, String), Strikes>>,
     /// How many tasks have a record in `quarantine` (0: skip the lock).
     striking: AtomicUsize,
+    /// Told of each quarantine (to record it where `plugin list` reads it).
+    on_quarantine: Mutex<Option<QuarantineHook>>,
+}
+
+/// Called with each new quarantine.
+pub type QuarantineHook = Arc<dyn Fn(Quarantined) + Send + Sync>;
+
+/// A task quarantined in one library build.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    /// The module.
+    pub module: String,
+    /// The build's SHA-256.
+    pub sha256: String,
+    /// The task.
+    pub func: String,
+    /// The crashes that put it there.
+    pub crashes: usize,
+    /// When it ends.
+    pub until: std::time::SystemTime,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -215,6 +235,7 @@ impl Supervisor {
             modules: Mutex::default(),
             quarantine: Mutex::default(),
             striking: AtomicUsize::new(0),
+            on_quarantine: Mutex::new(None),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(reap(Arc::downgrade(&supervisor)));
@@ -298,6 +319,11 @@ impl Supervisor {
             .map(|((_, func), s)| (func.clone(), s.crashes.len()))
             .collect();
         Ok(info)
+    }
+
+    /// Sets what is told of each new quarantine.
+    pub fn on_quarantine(&self, hook: QuarantineHook) {
+        *self.on_quarantine.lock().expect("hook poisoned") = Some(hook);
     }
 
     /// Kills every host now.
@@ -406,14 +432,14 @@ impl Supervisor {
         let build = Arc::new(Build {
             module: name.to_owned(),
             fingerprint: Mutex::new(snapshot.fingerprint),
-            sha256: snapshot.sha256,
+            sha256: snapshot.sha256.clone(),
             copy: snapshot.copy,
             info: LibraryInfo {
                 name: hello.name,
                 version: hello.version,
                 api_version: hello.api_version,
                 tasks: hello.tasks,
-                sha256: String::new(),
+                sha256: snapshot.sha256.clone(),
                 quarantined: Vec::new(),
             },
             slots,
@@ -575,6 +601,15 @@ impl Supervisor {
                 "task quarantined: it was running in {count} crashes of its plugin host; its runs fail until a new build is dropped in or {} s pass",
                 self.config.quarantine_window.as_secs()
             );
+            if let Some(hook) = self.on_quarantine.lock().expect("hook poisoned").clone() {
+                hook(Quarantined {
+                    module: build.module.clone(),
+                    sha256: build.sha256.clone(),
+                    func: func.to_owned(),
+                    crashes: count,
+                    until: std::time::SystemTime::now() + self.config.quarantine_window,
+                });
+            }
         }
         strikes.suspect()
     }

@@ -97,6 +97,21 @@ pub struct NewTask {
     pub isolation: Option<String>,
 }
 
+/// A task of one plugin build, quarantined after crashing its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantine {
+    /// The library's module.
+    pub module: String,
+    /// The build's SHA-256.
+    pub sha256: String,
+    /// The task inside it.
+    pub func: String,
+    /// Crashes that put it there.
+    pub crashes: i32,
+    /// When it ends (unless a new build comes first).
+    pub until: DateTime<Utc>,
+}
+
 /// Connection settings for the registry.
 #[derive(Clone)]
 pub struct DbConfig {
@@ -215,6 +230,53 @@ impl Registry {
             .values(task)
             .returning(TaskDef::as_returning())
             .get_result(&mut conn)?)
+    }
+
+    /// Records that a plugin build's task is quarantined (or that its
+    /// quarantine was extended).
+    pub fn record_quarantine(&self, q: &Quarantine) -> Result<(), RegistryError> {
+        use self::schema::plugin_quarantines::dsl as pq;
+        let mut conn = self.conn()?;
+        diesel::insert_into(pq::plugin_quarantines)
+            .values((
+                pq::sha256.eq(&q.sha256),
+                pq::func.eq(&q.func),
+                pq::module.eq(&q.module),
+                pq::crashes.eq(q.crashes),
+                pq::quarantined_until.eq(q.until),
+            ))
+            .on_conflict((pq::sha256, pq::func))
+            .do_update()
+            .set((pq::crashes.eq(q.crashes), pq::quarantined_until.eq(q.until)))
+            .execute(&mut conn)?;
+        Ok(())
+    }
+
+    /// The quarantines still in force for builds of `module`.
+    pub fn quarantines(&self, module: &str) -> Result<Vec<Quarantine>, RegistryError> {
+        use self::schema::plugin_quarantines::dsl as pq;
+        let mut conn = self.conn()?;
+        Ok(pq::plugin_quarantines
+            .filter(pq::module.eq(module))
+            .filter(pq::quarantined_until.gt(diesel::dsl::now))
+            .order(pq::func)
+            .select((
+                pq::module,
+                pq::sha256,
+                pq::func,
+                pq::crashes,
+                pq::quarantined_until,
+            ))
+            .load::<(String, String, String, i32, DateTime<Utc>)>(&mut conn)?
+            .into_iter()
+            .map(|(module, sha256, func, crashes, until)| Quarantine {
+                module,
+                sha256,
+                func,
+                crashes,
+                until,
+            })
+            .collect())
     }
 
     /// Detaches a task; false if there was no such task.

@@ -1,6 +1,17 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    plugin_quarantines (sha256, func) {
+        sha256 -> Text,
+        func -> Text,
+        module -> Text,
+        crashes -> Int4,
+        quarantined_until -> Timestamptz,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     submissions (id) {
         id -> Uuid,
         form_id -> Uuid,
@@ -63,4 +74,10 @@ diesel::table! {
 
 diesel::joinable!(task_run_attempts -> task_runs (run_id));
 
-diesel::allow_tables_to_appear_in_same_query!(submissions, task_run_attempts, task_runs, tasks,);
+diesel::allow_tables_to_appear_in_same_query!(
+    plugin_quarantines,
+    submissions,
+    task_run_attempts,
+    task_runs,
+    tasks,
+);

@@ -459,6 +459,29 @@ async fn a_task_that_keeps_crashing_is_quarantined_until_a_new_build() {
         r.results[0]
     );
     assert!(started.elapsed() < Duration::from_millis(500));
+    // `daisy plugin list` shows it (from the database serve recorded it in).
+    let plugin_list = || {
+        let out = std::process::Command::new(test_support::daisy_bin())
+            .args(["plugin", "list", "--plugins-dir"])
+            .arg(plugins.path())
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .expect("running daisy plugin list");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    let shown = Instant::now();
+    loop {
+        let listed = plugin_list();
+        if listed.contains("testkit\tquarantined\tsegfault: after 3 crashes") {
+            break;
+        }
+        assert!(
+            shown.elapsed() < Duration::from_secs(5),
+            "not listed: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Its library's other tasks still run.
     let ok = process(&mut client, neighbour, sample()).await;
     assert_eq!(
@@ -480,6 +503,9 @@ async fn a_task_that_keeps_crashing_is_quarantined_until_a_new_build() {
         "not lifted: {:?}",
         r.results[0]
     );
+    let listed = plugin_list();
+    assert!(!listed.contains("quarantined"), "{listed}");
+    assert!(listed.contains("testkit\tok"), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
