@@ -600,18 +600,19 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                 .list(form)
                 .context("listing tasks")?;
             println!(
-                "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  CONFIG",
-                "ID", "FORM", "NAME", "MODULE::FUNC", "MODE", "ENABLED"
+                "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {:<10}  CONFIG",
+                "ID", "FORM", "NAME", "MODULE::FUNC", "MODE", "ENABLED", "ISOLATION"
             );
             for t in tasks {
                 println!(
-                    "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {}",
+                    "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {:<10}  {}",
                     t.id,
                     t.form_id,
                     t.name,
                     format!("{}::{}", t.module, t.func),
                     if t.is_async { "async" } else { "sync" },
                     t.enabled,
+                    t.isolation.as_deref().unwrap_or("default"),
                     t.config
                 );
             }

@@ -270,3 +270,66 @@ async fn submissions_made_while_daisy_is_down_are_all_processed_exactly_once() {
 fn tempfile_path() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("daisy-collect-{}", Uuid::new_v4().simple()))
 }
+
+#[tokio::test]
+async fn a_submission_whose_task_crashes_its_plugin_host_blocks_no_other() {
+    let (daisy_db, plugins, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
+    plugins.install("testkit", "testkit");
+    let daisy_addr = free_port();
+    let collect = Collect::new(daisy_addr, Duration::from_millis(500));
+    let (poisoned, healthy) = (collect.create_form().await, collect.create_form().await);
+    daisy_db.execute(&format!(
+        "INSERT INTO tasks (id, form_id, name, module, func, async_status) VALUES \
+         (gen_random_uuid(), '{poisoned}', 'crash', 'testkit', 'segfault', false), \
+         (gen_random_uuid(), '{healthy}', 'check', 'testkit', 'config', false)"
+    ));
+    // Daisy is down: every response is stored pending, the poison first.
+    let submit = |form: Uuid, i: usize| {
+        let submission = json!({"answers": {"name": format!("n{i}"), "rating": i}});
+        let collect = &collect;
+        async move {
+            let (status, body) = collect
+                .call(
+                    "POST",
+                    &format!("/forms/{form}/submit"),
+                    Some(&submission.to_string()),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+    };
+    submit(poisoned, 0).await;
+    for i in 1..=20 {
+        submit(healthy, i).await;
+    }
+
+    let serve = Daisy::serve_at(
+        daisy_addr,
+        &daisy_db.url,
+        plugins.path(),
+        &queue,
+        &queue.url,
+    );
+    let resender = collect.daisy.spawn_resender(Resend {
+        grace: Duration::ZERO,
+        interval: Duration::from_millis(200),
+        ..Resend::default()
+    });
+    let started = Instant::now();
+    while post_processing_counts(&collect.pool)
+        .expect("counts")
+        .get("done")
+        != Some(&21)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not all processed: {:?}",
+            post_processing_counts(&collect.pool)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    resender.abort();
+    // The crash cost one plugin host, never serve.
+    let mut serve = serve;
+    assert!(!serve.exited(), "daisy serve died");
+}

@@ -102,7 +102,14 @@ async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
     let gateway = Gateway::default();
     *gateway.throttle.lock().expect("lock") = 2;
     let base = fake_gateway(gateway.clone()).await;
-    let mut stack = Stack::start(&[("sms", "sms")], &[("TEST_SMS_TOKEN", TOKEN)]).await;
+    let mut stack = Stack::start(
+        &[("sms", "sms")],
+        &[
+            ("TEST_SMS_TOKEN", TOKEN),
+            ("DAISY_PLUGIN_ENV", "TEST_SMS_TOKEN"),
+        ],
+    )
+    .await;
     let form = Uuid::new_v4();
     stack.attach(form, "receipt", "sms", "sms", true, &config(&base));
 
@@ -129,7 +136,14 @@ async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
 async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
     let gateway = Gateway::default();
     let base = fake_gateway(gateway.clone()).await;
-    let mut stack = Stack::start(&[("sms", "sms")], &[("TEST_SMS_TOKEN", TOKEN)]).await;
+    let mut stack = Stack::start(
+        &[("sms", "sms")],
+        &[
+            ("TEST_SMS_TOKEN", TOKEN),
+            ("DAISY_PLUGIN_ENV", "TEST_SMS_TOKEN"),
+        ],
+    )
+    .await;
     let form = Uuid::new_v4();
     stack.attach(form, "receipt", "sms", "sms", true, &config(&base));
 
@@ -158,7 +172,14 @@ async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
 #[tokio::test]
 async fn wrong_credentials_are_a_permanent_error_with_the_gateways_message() {
     let base = fake_gateway(Gateway::default()).await;
-    let mut stack = Stack::start(&[("sms", "sms")], &[("TEST_SMS_TOKEN", "wrong")]).await;
+    let mut stack = Stack::start(
+        &[("sms", "sms")],
+        &[
+            ("TEST_SMS_TOKEN", "wrong"),
+            ("DAISY_PLUGIN_ENV", "TEST_SMS_TOKEN"),
+        ],
+    )
+    .await;
     let form = Uuid::new_v4();
     stack.attach(form, "receipt", "sms", "sms", true, &config(&base));
 

@@ -269,8 +269,10 @@ impl Supervisor {
         };
         let mut result = host.call(&call, deadline).await;
         match &mut result {
+            // Runs cut short because Daisy stopped a retiring host are not
+            // crashes: they count against no task.
             Err(CallError::HostDied { suspect, .. }) => {
-                *suspect = self.strike(&build, call.func, host.pid);
+                *suspect = host.crashed() && self.strike(&build, call.func, host.pid);
             }
             Ok(reply) => {
                 if reply.error.is_none() {
