@@ -15,9 +15,9 @@ help: ## list the targets
 build: ## build every crate of the workspace (debug)
 	$(CARGO) build --workspace
 
-plugins: ## build the plugins and install their libraries into plugins/
+plugins: ## build the plugins and install their libraries into plugins/ (atomically: beside, then mv)
 	$(CARGO) build $(addprefix -p ,$(PLUGINS))
-	@for p in $(subst -,_,$(PLUGINS)); do install -m 0644 target/debug/lib$$p.$(DLL) plugins/lib$$p.$(DLL) && echo "installed plugins/lib$$p.$(DLL)"; done
+	@for p in $(subst -,_,$(PLUGINS)); do install -m 0644 target/debug/lib$$p.$(DLL) plugins/.lib$$p.$(DLL).tmp && mv -f plugins/.lib$$p.$(DLL).tmp plugins/lib$$p.$(DLL) && echo "installed plugins/lib$$p.$(DLL)"; done
 
 migrate: ## create or update the schema of DATABASE_URL
 	$(CARGO) run -q -p proxy -- migrate

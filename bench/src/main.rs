@@ -301,12 +301,34 @@ struct Proc(Child);
 
 impl Proc {
     fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        status_kib(self.0.id(), "VmHWM:")
     }
+
+    /// The current resident memory of each of its child processes (plugin hosts).
+    fn children_rss_kib(&self) -> Vec<u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.0.id()));
+        tasks
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.ok())
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .filter_map(|pid| status_kib(pid, "VmRSS:"))
+            .collect()
+    }
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
 }
 
 impl Drop for Proc {
@@ -373,6 +395,13 @@ impl Env {
         self.sql("VACUUM ANALYZE")
     }
 
+    fn attach_one(&self, form: Uuid, module: &str, func: &str) -> anyhow::Result<()> {
+        self.sql(&format!(
+            "INSERT INTO tasks (id, form_id, name, module, func, async_status) \
+             VALUES (gen_random_uuid(), '{form}', '{func}', '{module}', '{func}', false)"
+        ))
+    }
+
     fn attach(&self, form: Uuid, tasks: &[(&str, bool)]) -> anyhow::Result<()> {
         for (i, (name, is_async)) in tasks.iter().enumerate() {
             self.sql(&format!(
@@ -403,6 +432,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let plugins = std::env::temp_dir().join(format!("daisy-bench-plugins-{id}"));
     std::fs::create_dir_all(&plugins)?;
     std::fs::copy(exe("libecho.so")?, plugins.join("libecho.so"))?;
+    std::fs::copy(exe("libtestkit.so")?, plugins.join("libtestkit.so"))?;
     let env = Env {
         db_url,
         plugins,
@@ -515,6 +545,47 @@ async fn scenarios(
         let s2_lean = load(lean_addr, 32, duration, one).await?;
         drop(lean);
         env.settle().await?;
+        // Scenarios 2 and 6 with the plugin in-process instead of in a host.
+        let inproc_addr = free_port()?;
+        let inproc = env.daisy(&[
+            "serve",
+            "--addr",
+            &inproc_addr.to_string(),
+            "--isolation",
+            "in-process",
+        ])?;
+        let s2_inproc = load(inproc_addr, 32, duration, one).await?;
+        env.settle().await?;
+        let s6_inproc = load(inproc_addr, 1, duration, one).await?;
+        drop(inproc);
+        env.settle().await?;
+        // An idle plugin host: serve's echo host, a second after its last call.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let host_rss = serve.children_rss_kib().into_iter().max();
+        rows.push((
+            "RSS of an idle plugin host (echo)".into(),
+            format!("{:>9} KiB", host_rss.unwrap_or(0)),
+        ));
+        report.insert("idle_host_rss_kib".into(), json!(host_rss));
+        // After a host crash: how soon the library's next call is answered.
+        let crash = crash_recovery(env, if cli.quick { 5 } else { 20 }).await?;
+        rows.push((
+            "after a host crash, next call to the library".into(),
+            format!(
+                "p50 {:>6} µs  max {:>7} µs  ({} crashes)",
+                crash.value_at_quantile(0.5),
+                crash.max(),
+                crash.len()
+            ),
+        ));
+        report.insert(
+            "after_crash_next_call_us".into(),
+            json!({"p50": crash.value_at_quantile(0.5), "max": crash.max()}),
+        );
+        targets.push((
+            "next call after a host crash (target < 50,000 µs)".into(),
+            format!("{:>9} µs", crash.max()),
+        ));
         for (name, key, l) in [
             ("1: no tasks, c=32", "s1_no_tasks_c32", &s1),
             ("2: one sync echo, c=32", "s2_one_sync_c32", &s2),
@@ -525,6 +596,8 @@ async fn scenarios(
             ),
             ("3: five sync echo, c=32", "s3_five_sync_c32", &s3),
             ("6: one sync echo, c=1", "s6_one_sync_c1", &s6),
+            ("2, in-process", "s2_one_sync_c32_in_process", &s2_inproc),
+            ("6, in-process", "s6_one_sync_c1_in_process", &s6_inproc),
         ] {
             rows.push((name.into(), line(l)));
             report.insert(key.into(), l.json());
@@ -539,9 +612,27 @@ async fn scenarios(
             "s2_log_failed_throughput_vs_bare".into(),
             json!(lean_vs_bare),
         );
+        let inproc_vs_bare = s2_inproc.throughput() / bare32.throughput();
+        let s6_inproc_overhead = s6_inproc.us(0.5) as i64 - bare1.us(0.5) as i64;
+        ratios.insert(
+            "s2_in_process_throughput_vs_bare".into(),
+            json!(inproc_vs_bare),
+        );
+        ratios.insert(
+            "s6_in_process_p50_overhead_us".into(),
+            json!(s6_inproc_overhead),
+        );
         targets.push((
-            "2 vs bare throughput (target >= 60%)".into(),
+            "2 vs bare throughput, process isolation (target >= 50%; 60% in #13)".into(),
             format!("{:>9.0}%", 100.0 * s2_vs_bare),
+        ));
+        targets.push((
+            "2 vs bare throughput, in-process".into(),
+            format!("{:>9.0}%", 100.0 * inproc_vs_bare),
+        ));
+        targets.push((
+            "6 p50 overhead, in-process (target < 100 µs)".into(),
+            format!("{s6_inproc_overhead:>9} µs"),
         ));
         targets.push((
             "2 vs bare, --sync-run-log failed".into(),
@@ -552,7 +643,7 @@ async fn scenarios(
             format!("{:>9} µs", s2.us(0.99)),
         ));
         targets.push((
-            "6 p50 overhead over bare (target < 100 µs)".into(),
+            "6 p50 overhead, process isolation (target < 150 µs)".into(),
             format!("{s6_overhead:>9} µs"),
         ));
     }
@@ -662,6 +753,43 @@ async fn scenarios(
         cli.out.join("report.json").display()
     );
     Ok(())
+}
+
+/// Crashes testkit's host `times` times (a serve of its own, so that the
+/// crashing task is never quarantined) and times the next call to the same
+/// library after each crash.
+async fn crash_recovery(env: &Env, times: usize) -> anyhow::Result<Histogram<u64>> {
+    let addr = free_port()?;
+    let _serve = env.daisy(&[
+        "serve",
+        "--addr",
+        &addr.to_string(),
+        "--quarantine-after",
+        "1000000",
+    ])?;
+    let (crash, after) = (Uuid::new_v4(), Uuid::new_v4());
+    env.attach_one(crash, "testkit", "segfault")?;
+    env.attach_one(after, "testkit", "echo")?;
+    let mut client = PostSubProxyClient::new(connect(addr).await?);
+    let call = |form: Uuid| ProcessRequest {
+        form_id: form.to_string(),
+        submission_id: Uuid::new_v4().to_string(),
+        submission: Some(proto::json::json_to_struct(json!({"n": 1})).expect("an object")),
+    };
+    client.process(call(after)).await?; // the host is up
+    let mut hist = Histogram::<u64>::new(3)?;
+    for _ in 0..times {
+        client.process(call(crash)).await?;
+        let sent = Instant::now();
+        let response = client.process(call(after)).await?.into_inner();
+        if response.results.iter().any(|r| !r.error.is_empty()) {
+            bail!("the call after a crash failed: {response:?}");
+        }
+        hist.record(sent.elapsed().as_micros() as u64)?;
+        // Let the backoff for crashes in a row reset, as between real crashes.
+        tokio::time::sleep(Duration::from_millis(if times > 5 { 1600 } else { 200 })).await;
+    }
+    Ok(hist)
 }
 
 fn line(l: &Load) -> String {

@@ -14,9 +14,14 @@
 //!   calls finish, or after a grace period.
 //! - A host retires after `max_runs` runs, when it reports itself over its
 //!   memory limit, and when idle for `idle_timeout`.
+//! - A crash fails every run in flight on its host, so blame is decided by
+//!   each task's record: a task that has crashed more often than it has run
+//!   cleanly is on *probation*, and its runs go to a host of its own, where
+//!   a crash can only be its fault and its neighbours prove themselves clean.
 //! - A task (build and func) whose runs were in flight in
-//!   `quarantine_after` crashes within `quarantine_window` is quarantined:
-//!   its runs fail at once until the window passes or a new build arrives.
+//!   `quarantine_after` crashes within `quarantine_window`, and that is
+//!   still a suspect, is quarantined: its runs fail at once until the
+//!   window passes or a new build arrives.
 //! - Nothing global is held while plugin code runs: loading a build holds
 //!   only its module's lock, and constructors run inside the hosts.
 
@@ -195,6 +200,10 @@ struct Build {
     info: LibraryInfo,
     slots: Vec<Slot>,
     next_slot: AtomicUsize,
+    /// A host of its own for each task on probation, so that a task
+    /// suspected of crashing its host crashes only its own runs, and the
+    /// tasks beside it prove themselves clean.
+    probation: Mutex<HashMap<String, Arc<Slot>>>,
 }
 
 #[derive(Default)]
@@ -202,8 +211,16 @@ struct Slot {
     host: Mutex<Option<Arc<Host>>>,
     /// Held while a host for this slot starts.
     starting: tokio::sync::Mutex<()>,
-    /// When this slot's recent hosts crashed, for the respawn backoff.
-    crashes: Mutex<VecDeque<Instant>>,
+    /// This slot's hosts that crashed since one last answered a run
+    /// cleanly, for the respawn backoff; shared with its host.
+    crashes_in_a_row: Arc<AtomicUsize>,
+}
+
+/// Where a task may run now.
+enum Standing {
+    Clear,
+    Probation,
+    Quarantined(String),
 }
 
 /// A task's record since its first crash within the window. A crash fails
@@ -259,10 +276,27 @@ impl Supervisor {
                 available: build.info.tasks.clone(),
             }));
         }
-        if let Some(why) = self.quarantined(&build, call.func) {
-            return Err(CallError::Quarantined(why));
-        }
-        let host = match tokio::time::timeout_at(deadline, self.host(&build)).await {
+        let standing = self.standing(&build, call.func);
+        let probation = match standing {
+            Standing::Quarantined(why) => return Err(CallError::Quarantined(why)),
+            Standing::Probation => Some(
+                build
+                    .probation
+                    .lock()
+                    .expect("probation poisoned")
+                    .entry(call.func.to_owned())
+                    .or_default()
+                    .clone(),
+            ),
+            Standing::Clear => None,
+        };
+        let slot = match &probation {
+            Some(slot) => slot,
+            None => {
+                &build.slots[build.next_slot.fetch_add(1, Ordering::Relaxed) % build.slots.len()]
+            }
+        };
+        let host = match tokio::time::timeout_at(deadline, self.host(&build, slot)).await {
             Ok(Ok(host)) => host,
             Ok(Err(err)) => return Err(CallError::Plugin(err)),
             Err(_) => return Err(CallError::TimedOut),
@@ -277,6 +311,9 @@ impl Supervisor {
             Ok(reply) => {
                 if reply.error.is_none() {
                     self.clean_run(&build, call.func);
+                    if host.in_a_row.load(Ordering::Relaxed) > 0 {
+                        host.in_a_row.store(0, Ordering::Release);
+                    }
                 }
                 let runs = host.runs.fetch_add(1, Ordering::Relaxed) + 1;
                 let over_memory = reply
@@ -420,16 +457,23 @@ impl Supervisor {
             *build.fingerprint.lock().expect("fingerprint poisoned") = snapshot.fingerprint;
             return Ok(build.clone());
         }
-        let (host, hello) = match Host::start(&self.config, name, &snapshot.copy).await {
+        let slots: Vec<Slot> = (0..self.config.hosts_per_module.max(1))
+            .map(|_| Slot::default())
+            .collect();
+        let (host, hello) = match Host::start(
+            &self.config,
+            name,
+            &snapshot.copy,
+            slots[0].crashes_in_a_row.clone(),
+        )
+        .await
+        {
             Ok(started) => started,
             Err(err) => {
                 let _ = std::fs::remove_file(&snapshot.copy);
                 return self.failed(&module, fingerprint, err, current);
             }
         };
-        let slots: Vec<Slot> = (0..self.config.hosts_per_module.max(1))
-            .map(|_| Slot::default())
-            .collect();
         *slots[0].host.lock().expect("slot poisoned") = Some(host);
         let build = Arc::new(Build {
             module: name.to_owned(),
@@ -446,6 +490,7 @@ impl Supervisor {
             },
             slots,
             next_slot: AtomicUsize::new(0),
+            probation: Mutex::default(),
         });
         tracing::info!(
             plugin.module = name,
@@ -483,10 +528,8 @@ impl Supervisor {
         current.ok_or(err)
     }
 
-    /// A live host of `build`, starting one if its slot has none.
-    async fn host(&self, build: &Arc<Build>) -> Result<Arc<Host>, PluginError> {
-        let slot =
-            &build.slots[build.next_slot.fetch_add(1, Ordering::Relaxed) % build.slots.len()];
+    /// The live host in `slot` of `build`, starting one if there is none.
+    async fn host(&self, build: &Arc<Build>, slot: &Slot) -> Result<Arc<Host>, PluginError> {
         let usable = || {
             slot.host
                 .lock()
@@ -502,58 +545,62 @@ impl Supervisor {
             return Ok(host);
         }
         let replaced = slot.host.lock().expect("slot poisoned").take();
-        if let Some(old) = replaced {
-            if old.crashed() {
-                let mut crashes = slot.crashes.lock().expect("crashes poisoned");
-                crashes.push_back(Instant::now());
-                while crashes.len() > 8
-                    || crashes
-                        .front()
-                        .is_some_and(|t| t.elapsed() > Duration::from_secs(30))
-                {
-                    crashes.pop_front();
-                }
-            }
-        }
-        // The first restart is immediate; crashes in a row back off.
-        let recent = slot.crashes.lock().expect("crashes poisoned").len();
-        if recent >= 2 {
-            let delay = Duration::from_millis(50 << (recent - 2).min(6));
+        let in_a_row = match replaced {
+            Some(old) if old.crashed() => slot.crashes_in_a_row.fetch_add(1, Ordering::AcqRel) + 1,
+            _ => slot.crashes_in_a_row.load(Ordering::Acquire),
+        };
+        // The first restart is immediate; crashes in a row (no clean run
+        // in between) back off: 50 ms, doubling, up to 3.2 s.
+        if in_a_row >= 2 {
+            let delay = Duration::from_millis(50 << (in_a_row - 2).min(6));
             tokio::time::sleep(delay).await;
         }
-        let (host, _) = Host::start(&self.config, &build.module, &build.copy).await?;
+        let (host, _) = Host::start(
+            &self.config,
+            &build.module,
+            &build.copy,
+            slot.crashes_in_a_row.clone(),
+        )
+        .await?;
         *slot.host.lock().expect("slot poisoned") = Some(host.clone());
         Ok(host)
     }
 
-    fn quarantined(&self, build: &Build, func: &str) -> Option<String> {
+    /// Whether `func` of `build` runs as usual, on probation (in a host of
+    /// its own, while its record makes it a suspect), or not at all.
+    fn standing(&self, build: &Build, func: &str) -> Standing {
         if self.striking.load(Ordering::Acquire) == 0 {
-            return None; // the hot path: no task has crashed lately
+            return Standing::Clear; // the hot path: no task has crashed lately
         }
         let mut quarantine = self.quarantine.lock().expect("quarantine poisoned");
         let key = (build.sha256.clone(), func.to_owned());
-        let strikes = quarantine.get_mut(&key)?;
+        let Some(strikes) = quarantine.get_mut(&key) else {
+            return Standing::Clear;
+        };
         let now = Instant::now();
-        match strikes.until {
-            Some(until) if until > now => Some(format!(
+        if let Some(until) = strikes.until.filter(|&u| u > now) {
+            return Standing::Quarantined(format!(
                 "task '{func}' of plugin '{}' is quarantined after {} crashes of its plugin host; it runs again once a new build is dropped in, or in {} s",
                 build.module,
                 strikes.crashes.len(),
                 (until - now).as_secs() + 1
-            )),
-            _ => {
-                // A quarantine that ended, or a record whose crashes are
-                // all older than the window, is forgotten.
-                let stale = strikes
-                    .crashes
-                    .back()
-                    .is_none_or(|(t, _)| now.duration_since(*t) > self.config.quarantine_window);
-                if strikes.until.is_some() || stale {
-                    quarantine.remove(&key);
-                    self.striking.fetch_sub(1, Ordering::AcqRel);
-                }
-                None
-            }
+            ));
+        }
+        // A quarantine that ended, or a record whose crashes are all older
+        // than the window, is forgotten.
+        let stale = strikes
+            .crashes
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) > self.config.quarantine_window);
+        if strikes.until.is_some() || stale {
+            quarantine.remove(&key);
+            self.striking.fetch_sub(1, Ordering::AcqRel);
+            return Standing::Clear;
+        }
+        if strikes.suspect() {
+            Standing::Probation
+        } else {
+            Standing::Clear
         }
     }
 
@@ -629,7 +676,14 @@ impl Supervisor {
             let Some(build) = module.current.lock().expect("build poisoned").clone() else {
                 continue;
             };
-            for slot in &build.slots {
+            let probation: Vec<Arc<Slot>> = build
+                .probation
+                .lock()
+                .expect("probation poisoned")
+                .values()
+                .cloned()
+                .collect();
+            for slot in build.slots.iter().chain(probation.iter().map(|s| &**s)) {
                 let idle = slot
                     .host
                     .lock()
@@ -657,7 +711,14 @@ impl Drop for Supervisor {
 
 impl Build {
     fn retire_all(&self, grace: Duration) {
-        for slot in &self.slots {
+        let probation: Vec<Arc<Slot>> = self
+            .probation
+            .lock()
+            .expect("probation poisoned")
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        for slot in self.slots.iter().chain(probation.iter().map(|s| &**s)) {
             if let Some(host) = slot.host.lock().expect("slot poisoned").take() {
                 host.retire(grace);
             }
@@ -702,6 +763,8 @@ struct Host {
     last_used: Mutex<Instant>,
     /// How long it may finish other calls once a timeout retires it.
     grace: Duration,
+    /// Its slot's count of crashes in a row, reset by a clean run.
+    in_a_row: Arc<AtomicUsize>,
 }
 
 impl Host {
@@ -710,6 +773,7 @@ impl Host {
         config: &HostConfig,
         module: &str,
         library: &std::path::Path,
+        in_a_row: Arc<AtomicUsize>,
     ) -> Result<(Arc<Host>, Hello), PluginError> {
         let error = |reason: String| PluginError::Load {
             module: module.to_owned(),
@@ -823,6 +887,7 @@ impl Host {
             kill: Notify::new(),
             last_used: Mutex::new(Instant::now()),
             grace: config.recycle_grace,
+            in_a_row,
         });
         tokio::spawn(write_frames(writer, queued));
         tokio::spawn(read_replies(host.clone(), reader, child));
