@@ -607,3 +607,64 @@ async fn in_process_isolation_runs_in_the_serving_process() {
     };
     assert_eq!(pid("hosted"), json!(std::process::id()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_are_spread_per_module_recycled_after_their_budget_and_reaped_when_idle() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    plugins.install("testkit", "budget");
+    let (spread, budget) = (Uuid::new_v4(), Uuid::new_v4());
+    db.attach(spread, "env", "testkit", "env", json!({}));
+    db.attach(budget, "env", "budget", "env", json!({}));
+    let pid_of = |response: &proto::v1::ProcessResponse| {
+        to_json(response.results[0].output.as_ref().expect("output"))["pid"]
+            .as_u64()
+            .expect("a pid")
+    };
+
+    // Two hosts per module, taken in turn.
+    let (server, _queue) = start_server(&db, &plugins, |c| c.hosts.hosts_per_module = 2).await;
+    let mut client = server.client().await;
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        pids.insert(pid_of(&process(&mut client, spread, sample()).await));
+    }
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    drop(client);
+    drop(server);
+
+    // A run budget of 3: the fourth run is on a new host.
+    let (server, _queue) = start_server(&db, &plugins, |c| {
+        c.hosts.max_runs = 3;
+        c.hosts.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut pids = Vec::new();
+    for _ in 0..4 {
+        pids.push(pid_of(&process(&mut client, budget, sample()).await));
+    }
+    assert!(pids[..3].iter().all(|&p| p == pids[0]), "{pids:?}");
+    assert_ne!(pids[3], pids[0], "{pids:?}");
+    let gone = |pid: u64| !std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let started = Instant::now();
+    while !gone(pids[0]) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the spent host lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Idle for longer than 400 ms: the host exits, and the next call starts another.
+    let started = Instant::now();
+    while !gone(pids[3]) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the idle host was not reaped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let next = pid_of(&process(&mut client, budget, sample()).await);
+    assert!(!pids.contains(&next), "{pids:?} then {next}");
+}
