@@ -2,9 +2,9 @@
 //! library's plugin code so that a crash, hang or leak takes down only it.
 //!
 //! Daisy starts it with one end of a Unix socket pair as stdin and a
-//! scrubbed environment. It loads the library, says [`Hello`], then reads
-//! requests on the main thread and runs them on a fixed pool of threads;
-//! replies go out through one writer thread, batched. It holds no tokio
+//! scrubbed environment. It loads the library, says [`Hello`], then a fixed
+//! pool of threads takes turns reading a request and running it; replies
+//! are written by whichever thread has one, batched under load. It holds no tokio
 //! runtime and no database or broker connection. When the socket closes
 //! (Daisy retired it, or Daisy died) it exits at once, whatever its threads
 //! are doing.
@@ -14,7 +14,7 @@ use std::{
     io::Write,
     os::{fd::FromRawFd, unix::net::UnixStream},
     path::PathBuf,
-    sync::{Arc, Mutex, OnceLock, mpsc},
+    sync::{Arc, Mutex, OnceLock},
     thread,
 };
 
@@ -42,6 +42,18 @@ struct Instance {
     task: OnceLock<Result<Arc<TaskHandle>, String>>,
 }
 
+/// What the host's threads share.
+struct Shared {
+    /// The socket's reading end and the instances defined so far: whoever
+    /// holds it reads the next request (leader/follower, so a request goes
+    /// from the socket to the thread that runs it without a hand-off).
+    reader: Mutex<(UnixStream, HashMap<u64, Arc<Instance>>)>,
+    replies: Replies,
+    library: Library,
+    module: String,
+    memory_limit_mib: u64,
+}
+
 /// Runs the host until Daisy closes the socket; never returns.
 pub fn main(args: HostArgs) -> ! {
     // SAFETY: fd 0 is the socket Daisy passed; it is dup'ed before /dev/null
@@ -59,34 +71,27 @@ pub fn main(args: HostArgs) -> ! {
         UnixStream::from_raw_fd(fd)
     };
     let mut reader = socket.try_clone().unwrap_or_else(|_| exit(71));
-    let (replies, outbox) = mpsc::channel::<Vec<u8>>();
-    thread::Builder::new()
-        .name("plugin-host-writer".into())
-        .spawn(move || write_replies(socket, outbox))
-        .unwrap_or_else(|_| exit(71));
-
+    let replies = Replies {
+        socket,
+        queue: Mutex::new((Vec::new(), false)),
+    };
     let library = match Library::load(&args.library) {
         Ok(library) => {
-            let hello = Hello {
+            replies.send(&Hello {
                 error: String::new(),
                 name: library.name().into(),
                 version: library.version().into(),
                 api_version: library.api_version().into(),
                 tasks: library.tasks().map(str::to_owned).collect(),
-            };
-            send(&replies, &hello);
+            });
             library
         }
         Err(err) => {
-            send(
-                &replies,
-                &Hello {
-                    error: err.to_string(),
-                    ..Default::default()
-                },
-            );
-            // Let the writer deliver the Hello; Daisy then closes the socket.
-            drop(replies);
+            replies.send(&Hello {
+                error: err.to_string(),
+                ..Default::default()
+            });
+            // Daisy closes the socket once it has read the Hello.
             loop {
                 if matches!(wire::read_blocking(&mut reader), Ok(None) | Err(_)) {
                     exit(0);
@@ -94,30 +99,43 @@ pub fn main(args: HostArgs) -> ! {
             }
         }
     };
-
-    let instances: Arc<Mutex<HashMap<u64, Arc<Instance>>>> = Arc::default();
-    let (work, queue) = mpsc::channel::<(Request, Arc<Instance>)>();
-    let queue = Arc::new(Mutex::new(queue));
-    for i in 0..args.threads.max(1) {
-        let (queue, replies, module) = (queue.clone(), replies.clone(), args.module.clone());
-        let limit = args.memory_limit_mib;
+    let shared = Arc::new(Shared {
+        reader: Mutex::new((reader, HashMap::new())),
+        replies,
+        library,
+        module: args.module,
+        memory_limit_mib: args.memory_limit_mib,
+    });
+    for i in 1..args.threads.max(1) {
+        let shared = shared.clone();
         thread::Builder::new()
             .name(format!("plugin-run-{i}"))
-            .spawn(move || {
-                loop {
-                    let next = queue.lock().map(|q| q.recv());
-                    let Ok(Ok((request, instance))) = next else {
-                        return;
-                    };
-                    let reply = run(&library, &module, limit, request, &instance);
-                    send(&replies, &reply);
-                }
-            })
+            .spawn(move || serve(&shared))
             .unwrap_or_else(|_| exit(71));
     }
+    serve(&shared)
+}
 
+/// Takes the next request off the socket, runs it, replies; forever.
+fn serve(shared: &Shared) -> ! {
     loop {
-        let body = match wire::read_blocking(&mut reader) {
+        let (request, instance) = next_request(shared);
+        let reply = run(
+            &shared.library,
+            &shared.module,
+            shared.memory_limit_mib,
+            request,
+            &instance,
+        );
+        shared.replies.send(&reply);
+    }
+}
+
+fn next_request(shared: &Shared) -> (Request, Arc<Instance>) {
+    let mut guard = shared.reader.lock().unwrap_or_else(|p| p.into_inner());
+    let (reader, instances) = &mut *guard;
+    loop {
+        let body = match wire::read_blocking(reader) {
             Ok(Some(body)) => body,
             // Daisy closed the socket (or died): leave now, hung threads and all.
             Ok(None) | Err(_) => exit(0),
@@ -125,36 +143,30 @@ pub fn main(args: HostArgs) -> ! {
         let Ok(mut request) = Request::decode(&body[..]) else {
             exit(72);
         };
-        let instance = {
-            let mut instances = instances.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(create) = request.create.take() {
-                instances
-                    .entry(request.instance)
-                    .or_insert_with(|| {
-                        Arc::new(Instance {
-                            func: create.func,
-                            config_json: create.config_json,
-                            task: OnceLock::new(),
-                        })
+        let instance = match request.create.take() {
+            Some(create) => instances
+                .entry(request.instance)
+                .or_insert_with(|| {
+                    Arc::new(Instance {
+                        func: create.func,
+                        config_json: create.config_json,
+                        task: OnceLock::new(),
                     })
-                    .clone()
-            } else if let Some(found) = instances.get(&request.instance) {
-                found.clone()
-            } else {
-                send(
-                    &replies,
-                    &failure(
+                })
+                .clone(),
+            None => match instances.get(&request.instance) {
+                Some(found) => found.clone(),
+                None => {
+                    shared.replies.send(&failure(
                         request.id,
                         ErrorKind::Retryable,
                         "plugin host lost the task's definition".into(),
-                    ),
-                );
-                continue;
-            }
+                    ));
+                    continue;
+                }
+            },
         };
-        if work.send((request, instance)).is_err() {
-            exit(71);
-        }
+        return (request, instance);
     }
 }
 
@@ -230,21 +242,39 @@ fn failure(id: u64, kind: ErrorKind, message: String) -> Reply {
     }
 }
 
-fn send(replies: &mpsc::Sender<Vec<u8>>, message: &impl Message) {
-    let mut frame = Vec::new();
-    wire::encode(message, &mut frame);
-    // The writer only stops when the socket is gone, and then we exit.
-    let _ = replies.send(frame);
+/// The socket's writing end. A thread with a reply appends it to the
+/// queue; if no thread is writing, it becomes the writer and writes
+/// everything queued (its own reply, and whatever others append meanwhile)
+/// until the queue is empty. One write per reply when idle, batches under
+/// load, and no hand-off to another thread either way.
+struct Replies {
+    socket: UnixStream,
+    /// Frames waiting, and whether a thread is writing.
+    queue: Mutex<(Vec<u8>, bool)>,
 }
 
-/// Writes queued frames, as many per `write` as are waiting.
-fn write_replies(mut socket: UnixStream, frames: mpsc::Receiver<Vec<u8>>) {
-    while let Ok(mut batch) = frames.recv() {
-        while let Ok(more) = frames.try_recv() {
-            batch.extend_from_slice(&more);
+impl Replies {
+    fn send(&self, message: &impl Message) {
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            wire::encode(message, &mut queue.0);
+            if queue.1 {
+                return; // the writer takes it
+            }
+            queue.1 = true;
         }
-        if socket.write_all(&batch).is_err() {
-            exit(0);
+        loop {
+            let batch = {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if queue.0.is_empty() {
+                    queue.1 = false;
+                    return;
+                }
+                std::mem::take(&mut queue.0)
+            };
+            if (&self.socket).write_all(&batch).is_err() {
+                exit(0); // Daisy is gone
+            }
         }
     }
 }
