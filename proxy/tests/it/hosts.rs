@@ -668,3 +668,57 @@ async fn hosts_are_spread_per_module_recycled_after_their_budget_and_reaped_when
     let next = pid_of(&process(&mut client, budget, sample()).await);
     assert!(!pids.contains(&next), "{pids:?} then {next}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_completes_while_a_plugin_hangs_and_leaves_no_host_behind() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    let form = Uuid::new_v4();
+    db.attach_with(task(form, "hang", "testkit", "hang", json!({}), 3000));
+    db.attach(form, "env", "testkit", "env", json!({}));
+    let queue = TestQueue::new();
+    let mut serve = queue.serve(&db.url, plugins.path(), None);
+    let mut client = serve.client().await;
+    let hung = tokio::spawn(async move { client.process(request(form, sample())).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = serve.terminate(Duration::from_secs(10));
+        (serve, status)
+    })
+    .await
+    .expect("terminating");
+    assert!(
+        status.1.is_some(),
+        "serve did not stop within 10 s of SIGTERM"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The call in flight was answered (its task timed out) before serve left.
+    let answered = hung
+        .await
+        .expect("caller")
+        .expect("answered before shutdown");
+    let hang = result(answered.get_ref(), "hang");
+    assert_eq!(hang.outcome(), Outcome::TimedOut, "{hang:?}");
+    let env = result(answered.get_ref(), "env");
+    let host = to_json(env.output.as_ref().expect("output"))["pid"]
+        .as_u64()
+        .expect("pid");
+    let gone = Instant::now();
+    while std::path::Path::new(&format!("/proc/{host}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{host}/stat")).unwrap_or_default();
+        if state.contains(") Z ") {
+            break; // a zombie: dead, waiting for its reaper (serve is gone)
+        }
+        assert!(
+            gone.elapsed() < Duration::from_secs(5),
+            "plugin host {host} outlived serve"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
