@@ -20,6 +20,29 @@ pub enum RegistryError {
     Migration(String),
 }
 
+impl RegistryError {
+    /// Whether trying again may succeed: the database was unreachable, the
+    /// connection broke, or a transaction lost a serialization race. Any
+    /// other failure would happen again on the same input.
+    pub fn is_transient(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match self {
+            RegistryError::Unavailable(_) | RegistryError::Connect(_) => true,
+            RegistryError::Query(err) => matches!(
+                err,
+                Error::BrokenTransactionManager
+                    | Error::DatabaseError(
+                        DatabaseErrorKind::SerializationFailure
+                            | DatabaseErrorKind::ClosedConnection
+                            | DatabaseErrorKind::UnableToSendCommand,
+                        _,
+                    )
+            ),
+            RegistryError::Migration(_) => false,
+        }
+    }
+}
+
 /// Why a task's plugin could not be used.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]

@@ -45,6 +45,8 @@ pub struct Config {
     pub isolation: plugins::Isolation,
     /// Requests larger than this get `RESOURCE_EXHAUSTED`.
     pub max_request_bytes: usize,
+    /// What a submission may hold; beyond it, `INVALID_ARGUMENT`.
+    pub limits: grpc::Limits,
     /// How many task runs may be in flight at once.
     pub max_concurrent_tasks: usize,
     /// Where asynchronous runs are queued.

@@ -307,6 +307,15 @@ struct ServeArgs {
     /// How many task runs may be in flight at once.
     #[arg(long, env = "DAISY_MAX_CONCURRENT_TASKS", default_value_t = 64)]
     max_concurrent_tasks: usize,
+    /// Deepest nesting of objects and lists a submission may have.
+    #[arg(long, env = "DAISY_MAX_DEPTH", default_value_t = 32)]
+    max_depth: usize,
+    /// Most keys a submission may hold, over all its objects.
+    #[arg(long, env = "DAISY_MAX_KEYS", default_value_t = 10_000)]
+    max_keys: usize,
+    /// Longest string or key in a submission, in bytes.
+    #[arg(long, env = "DAISY_MAX_STRING_BYTES", default_value_t = 65_536)]
+    max_string_bytes: usize,
     #[command(flatten)]
     queue: QueueArgs,
     /// How long the relay leaves a new run to the accepting proxy, in milliseconds.
@@ -532,6 +541,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             isolation: args.hosts.isolation,
             plugins_dir: args.plugins.plugins_dir,
             max_request_bytes: args.max_request_bytes,
+            limits: proxy::grpc::Limits {
+                max_depth: args.max_depth.max(1),
+                max_keys: args.max_keys,
+                max_string_bytes: args.max_string_bytes,
+            },
             max_concurrent_tasks: args.max_concurrent_tasks,
             queue: args.queue.config(),
             outbox_grace: Duration::from_millis(args.outbox_grace_ms),

@@ -9,7 +9,13 @@
 //! `FOR UPDATE SKIP LOCKED` so any number of proxies can run it side by side.
 //! A run published twice is harmless: workers claim runs conditionally.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -18,15 +24,24 @@ use crate::{
     batch::Batcher,
     error::RegistryError,
     queue::{Backoff, Publisher},
-    registry::{Acceptance, Accepted, Registry, SyncRun},
+    registry::{Acceptance, Accepted, Registry, Replay, SyncRun},
 };
+
+/// What accepting one submission came to: its runs, a refused replay, or
+/// a database failure.
+pub type AcceptResult = Result<Result<Vec<Accepted>, Replay>, Arc<RegistryError>>;
 
 /// Group commit for the outbox: concurrent `Process` calls hand their
 /// asynchronous runs to a few writers, each writing whatever has piled up
 /// (up to 256 submissions) in one transaction.
+///
+/// One submission never sinks its batch: a batch that fails for any reason
+/// but a transient one (see [`RegistryError::is_transient`]) is split in
+/// halves and written again, down to the one submission that fails, which
+/// alone gets the error.
 #[derive(Debug, Clone)]
 pub struct Acceptor {
-    batcher: Batcher<Acceptance, Result<Vec<Accepted>, Arc<RegistryError>>>,
+    batcher: Batcher<Acceptance, AcceptResult>,
 }
 
 impl Acceptor {
@@ -35,26 +50,45 @@ impl Acceptor {
         let batcher = Batcher::start(writers, 256, move |requests: Vec<Acceptance>| {
             let registry = registry.clone();
             async move {
-                let n = requests.len();
-                let written =
-                    tokio::task::spawn_blocking(move || registry.accept(&requests, grace))
-                        .await
-                        .expect("outbox write panicked");
-                match written {
-                    Ok(accepted) => accepted.into_iter().map(Ok).collect(),
-                    Err(err) => vec![Err(Arc::new(err)); n],
-                }
+                tokio::task::spawn_blocking(move || accept_split(&registry, &requests, grace))
+                    .await
+                    .expect("outbox write panicked")
             }
         });
         Acceptor { batcher }
     }
 
     /// Commits one submission's runs (with whatever else is waiting).
-    pub async fn accept(&self, request: Acceptance) -> Result<Vec<Accepted>, Arc<RegistryError>> {
+    pub async fn accept(&self, request: Acceptance) -> AcceptResult {
         self.batcher
             .call(request)
             .await
             .expect("outbox writers live as long as the service and always reply")
+    }
+}
+
+/// Writes `requests` as one batch, or, if that fails deterministically, as
+/// two halves, recursively: only the request that cannot be written fails.
+fn accept_split(
+    registry: &Registry,
+    requests: &[Acceptance],
+    grace: Duration,
+) -> Vec<AcceptResult> {
+    match registry.accept(requests, grace) {
+        Ok(accepted) => accepted.into_iter().map(Ok).collect(),
+        Err(err) if requests.len() > 1 && !err.is_transient() => {
+            tracing::warn!(error = %err, batch = requests.len(), "an outbox batch failed; splitting it to find the submission at fault");
+            let (left, right) = requests.split_at(requests.len() / 2);
+            let mut results = accept_split(registry, left, grace);
+            results.extend(accept_split(registry, right, grace));
+            results
+        }
+        Err(err) => {
+            if !err.is_transient() {
+                tracing::error!(error = %err, submission.id = %requests[0].submission, "a submission could not be accepted");
+            }
+            vec![Err(Arc::new(err)); requests.len()]
+        }
     }
 }
 
@@ -172,9 +206,16 @@ async fn publish_fresh(
 }
 
 /// Records finished synchronous runs behind the response, in batches.
+///
+/// The writer never wedges on one record: a batch that fails for any
+/// reason but a transient one is split until the records that cannot be
+/// stored stand alone; those are dropped, each with an error log line, and
+/// counted ([`RunLog::dropped`]). Transient failures (the database away)
+/// keep the batch and retry it with backoff.
 #[derive(Debug, Clone)]
 pub struct RunLog {
     tx: mpsc::Sender<SyncRun>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl RunLog {
@@ -183,7 +224,14 @@ impl RunLog {
     /// backlog is written.
     pub fn start(registry: Registry, capacity: usize) -> (RunLog, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (RunLog { tx }, tokio::spawn(write(registry, rx)))
+        let dropped = Arc::new(AtomicU64::new(0));
+        (
+            RunLog {
+                tx,
+                dropped: dropped.clone(),
+            },
+            tokio::spawn(write(registry, rx, dropped)),
+        )
     }
 
     /// Queues records without waiting; when the backlog is full (the
@@ -191,29 +239,37 @@ impl RunLog {
     pub fn record(&self, runs: Vec<SyncRun>) {
         for run in runs {
             if let Err(mpsc::error::TrySendError::Full(run)) = self.tx.try_send(run) {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(run.id = %run.id, task.name = %run.task_name, "run log backlog full; a synchronous run goes unrecorded");
             }
         }
     }
+
+    /// How many records were dropped: refused by the database, or over the backlog.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
 }
 
-async fn write(registry: Registry, mut rx: mpsc::Receiver<SyncRun>) {
+async fn write(registry: Registry, mut rx: mpsc::Receiver<SyncRun>, dropped: Arc<AtomicU64>) {
     let mut batch = Vec::with_capacity(1000);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     // Whatever piled up during the previous write goes in the next one.
     while rx.recv_many(&mut batch, 1000).await > 0 {
         loop {
-            let (registry, runs) = (registry.clone(), std::mem::take(&mut batch));
-            match tokio::task::spawn_blocking(move || {
-                registry.record_sync_runs(&runs).map_err(|e| (e, runs))
-            })
-            .await
-            {
-                Ok(Ok(())) => {
+            let (registry, runs, dropped) = (
+                registry.clone(),
+                std::mem::take(&mut batch),
+                dropped.clone(),
+            );
+            let written =
+                tokio::task::spawn_blocking(move || record_split(&registry, runs, &dropped)).await;
+            match written {
+                Ok(None) => {
                     backoff.reset();
                     break;
                 }
-                Ok(Err((err, runs))) => {
+                Ok(Some((err, runs))) => {
                     tracing::warn!(error = %err, pending = runs.len(), "writing the run log failed; retrying");
                     batch = runs;
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -225,4 +281,36 @@ async fn write(registry: Registry, mut rx: mpsc::Receiver<SyncRun>) {
             }
         }
     }
+}
+
+/// Writes `runs`, splitting a batch that fails deterministically so that
+/// only the records the database refuses are dropped. Returns what is left
+/// to write, with the error, when the database is away.
+fn record_split(
+    registry: &Registry,
+    mut runs: Vec<SyncRun>,
+    dropped: &AtomicU64,
+) -> Option<(RegistryError, Vec<SyncRun>)> {
+    let err = match registry.record_sync_runs(&runs) {
+        Ok(()) => return None,
+        Err(err) if err.is_transient() => return Some((err, runs)),
+        Err(err) => err,
+    };
+    if runs.len() == 1 {
+        dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            error = %err,
+            run.id = %runs[0].id,
+            task.name = %runs[0].task_name,
+            submission.id = %runs[0].submission_id,
+            "the database refused a run log record; it is dropped"
+        );
+        return None;
+    }
+    let right = runs.split_off(runs.len() / 2);
+    if let Some((err, mut left)) = record_split(registry, runs, dropped) {
+        left.extend(right);
+        return Some((err, left));
+    }
+    record_split(registry, right, dropped)
 }

@@ -10,7 +10,7 @@ use crate::{
     Config,
     catalog::Catalog,
     executor::Executor,
-    grpc::{Service, oversize_to_resource_exhausted},
+    grpc::{Service, edge_statuses},
     outbox::{Acceptor, Outbox, RunLog},
     plugins::Plugins,
     queue::Publisher,
@@ -53,15 +53,18 @@ pub async fn run(
     // Half the pool writes the outbox; the rest serves lookups and the relay.
     let writers = (config.db.pool_size as usize / 2).max(1);
     let acceptor = Acceptor::start(registry.clone(), config.outbox_grace, writers);
-    let service = PostSubProxyServer::new(Service::new(
-        catalog,
-        executor,
-        registry,
-        acceptor,
-        outbox,
-        run_log,
-        config.sync_run_log,
-    ))
+    let service = PostSubProxyServer::new(
+        Service::new(
+            catalog,
+            executor,
+            registry,
+            acceptor,
+            outbox,
+            run_log,
+            config.sync_run_log,
+        )
+        .with_limits(config.limits),
+    )
     .max_decoding_message_size(config.max_request_bytes);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -88,9 +91,7 @@ pub async fn run(
         Ok::<_, std::io::Error>(stream)
     });
     tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_to_resource_exhausted,
-        ))
+        .layer(tower::util::MapResponseLayer::new(edge_statuses))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

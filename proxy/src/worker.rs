@@ -347,9 +347,13 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
     } else {
         // Our backoff, or longer when the plugin passed on a Retry-After.
         let backoff = retry_delay(&ctx.config, claimed.attempt);
+        // Clamped: a plugin's Retry-After never postpones a run beyond
+        // --retry-max-ms.
         Finish::Retry {
             error,
-            after: asked.map_or(backoff, |asked| asked.max(backoff)),
+            after: asked
+                .map_or(backoff, |asked| asked.max(backoff))
+                .min(ctx.config.retry_max),
         }
     }
 }

@@ -8,10 +8,12 @@ use std::{thread, time::Duration};
 use plugin_api::{Input, Task, TaskError, Value, json};
 
 /// Fails every run with the configured `message`; `retryable` (default false)
-/// says whether the error is retryable.
+/// says whether the error is retryable, and `retry_after_secs` adds a
+/// Retry-After to it.
 pub struct Fail {
     message: String,
     retryable: bool,
+    retry_after: Option<Duration>,
 }
 
 impl Fail {
@@ -23,6 +25,7 @@ impl Fail {
                 .unwrap_or("failed on purpose")
                 .to_owned(),
             retryable: config["retryable"].as_bool().unwrap_or(false),
+            retry_after: config["retry_after_secs"].as_u64().map(Duration::from_secs),
         })
     }
 }
@@ -30,7 +33,11 @@ impl Fail {
 impl Task for Fail {
     fn run(&self, _input: &Input) -> Result<Value, TaskError> {
         Err(if self.retryable {
-            TaskError::retryable(&self.message)
+            let err = TaskError::retryable(&self.message);
+            match self.retry_after {
+                Some(after) => err.with_retry_after(after),
+                None => err,
+            }
         } else {
             TaskError::permanent(&self.message)
         })

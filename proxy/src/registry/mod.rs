@@ -8,8 +8,8 @@ mod runs;
 mod schema;
 
 pub use runs::{
-    Acceptance, Accepted, Attempt, ClaimRequest, Claimed, DeadLetter, Finish, Run, RunState,
-    SyncRun,
+    Acceptance, Accepted, Attempt, ClaimRequest, Claimed, DeadLetter, Finish, Replay, Run,
+    RunState, SyncRun,
 };
 
 use std::{

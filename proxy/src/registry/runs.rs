@@ -1,6 +1,6 @@
 //! The run log and outbox: `submissions`, `task_runs`, `task_run_attempts`.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -115,6 +115,13 @@ pub struct Accepted {
     pub task_id: Uuid,
     /// Whether it still needs publishing.
     pub unpublished: bool,
+}
+
+/// Why a replayed `submission_id` was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// It is stored with another form or another payload; the message says which.
+    Conflict(String),
 }
 
 /// One submission's asynchronous tasks to accept.
@@ -248,41 +255,22 @@ pub enum DeadLetter {
 impl Registry {
     /// Stores each submission and one queued run per asynchronous task, all
     /// in one transaction (group commit across concurrent `Process` calls).
-    /// A replayed submission creates nothing and gets its existing runs.
     /// New runs become due for the relay after `grace`, in which the
-    /// accepting proxy publishes them itself. Returns one list per request.
+    /// accepting proxy publishes them itself. Runs that already exist (a
+    /// replay, a concurrent duplicate) are found instead of created. For each request, in order:
+    /// its runs, or [`Replay::Conflict`] when its `submission_id` is already
+    /// stored with another form or another payload (nothing is written for
+    /// it then; the other requests go ahead).
     pub fn accept(
         &self,
         requests: &[Acceptance],
         grace: Duration,
-    ) -> Result<Vec<Vec<Accepted>>, RegistryError> {
+    ) -> Result<Vec<Result<Vec<Accepted>, Replay>>, RegistryError> {
         let mut conn = self.conn()?;
         let due = Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
         // Rows go in key order so concurrent batches lock in the same order.
         let mut subs: Vec<&Acceptance> = requests.iter().collect();
         subs.sort_by_key(|r| r.submission);
-        let mut runs: Vec<_> = requests
-            .iter()
-            .flat_map(|r| r.tasks.iter().map(move |t| (r, t)))
-            .map(|(r, t)| {
-                (
-                    (r.submission, t.id),
-                    (
-                        task_runs::id.eq(Uuid::new_v4()),
-                        task_runs::submission_id.eq(r.submission),
-                        task_runs::form_id.eq(r.form),
-                        task_runs::task_id.eq(t.id),
-                        task_runs::task_name.eq(t.name.clone()),
-                        task_runs::is_async.eq(true),
-                        task_runs::state.eq("queued"),
-                        task_runs::max_attempts.eq(t.max_attempts),
-                        task_runs::next_attempt_at.eq(due),
-                    ),
-                )
-            })
-            .collect();
-        runs.sort_by_key(|(key, _)| *key);
-        let runs: Vec<_> = runs.into_iter().map(|(_, row)| row).collect();
         let submission_rows: Vec<_> = subs
             .iter()
             .map(|r| {
@@ -295,17 +283,92 @@ impl Registry {
             .collect();
         let ids: Vec<Uuid> = subs.iter().map(|r| r.submission).collect();
         type Found = (Uuid, Uuid, Uuid, Option<DateTime<Utc>>, String);
-        let found: Vec<Found> = conn.transaction(|conn| {
-            diesel::insert_into(submissions::table)
+        let (conflicts, found): (Vec<Option<Replay>>, Vec<Found>) = conn.transaction(|conn| {
+            let inserted: Vec<Uuid> = diesel::insert_into(submissions::table)
                 .values(&submission_rows)
                 .on_conflict_do_nothing()
-                .execute(conn)?;
+                .returning(submissions::id)
+                .get_results(conn)?;
+            // Submissions already stored: a replay must match what is stored,
+            // or it would run this form's tasks on another form's payload.
+            let replayed: Vec<Uuid> = ids.iter().filter(|id| !inserted.contains(id)).copied().collect();
+            // One verdict per request (not per id: of two concurrent
+            // duplicates that differ, the first stored one is fine).
+            let mut conflicts: Vec<Option<Replay>> = vec![None; requests.len()];
+            let mut order: Vec<usize> = (0..requests.len()).collect();
+            order.sort_by_key(|&i| requests[i].submission);
+            for (n, &later) in order.iter().enumerate() {
+                let later_request = &requests[later];
+                let earlier = order[..n]
+                    .iter()
+                    .map(|&i| &requests[i])
+                    .find(|r| r.submission == later_request.submission);
+                if let Some(first) = earlier {
+                    if first.form != later_request.form || first.payload != later_request.payload {
+                        conflicts[later] = Some(Replay::Conflict(format!(
+                            "submission_id {} is being submitted twice at once with different forms or submissions",
+                            later_request.submission
+                        )));
+                    }
+                }
+            }
+            if !replayed.is_empty() {
+                let stored: HashMap<Uuid, (Uuid, serde_json::Value)> = submissions::table
+                    .filter(submissions::id.eq_any(&replayed))
+                    .select((submissions::id, submissions::form_id, submissions::payload))
+                    .load::<(Uuid, Uuid, serde_json::Value)>(conn)?
+                    .into_iter()
+                    .map(|(id, form, payload)| (id, (form, payload)))
+                    .collect();
+                for (i, request) in requests.iter().enumerate() {
+                    let Some((form, payload)) = stored.get(&request.submission) else {
+                        continue;
+                    };
+                    let id = request.submission;
+                    if *form != request.form {
+                        conflicts[i] = Some(Replay::Conflict(format!(
+                            "submission_id {id} was already submitted for form {form}, not {}",
+                            request.form
+                        )));
+                    } else if *payload != request.payload {
+                        conflicts[i] = Some(Replay::Conflict(format!(
+                            "submission_id {id} was already submitted with a different submission; a replay must send the same one"
+                        )));
+                    }
+                }
+            }
+            let mut runs: Vec<_> = requests
+                .iter()
+                .zip(&conflicts)
+                .filter(|(_, conflict)| conflict.is_none())
+                .map(|(r, _)| r)
+                .flat_map(|r| r.tasks.iter().map(move |t| (r, t)))
+                .map(|(r, t)| {
+                    (
+                        (r.submission, t.id),
+                        (
+                            task_runs::id.eq(Uuid::new_v4()),
+                            task_runs::submission_id.eq(r.submission),
+                            task_runs::form_id.eq(r.form),
+                            task_runs::task_id.eq(t.id),
+                            task_runs::task_name.eq(t.name.clone()),
+                            task_runs::is_async.eq(true),
+                            task_runs::state.eq("queued"),
+                            task_runs::max_attempts.eq(t.max_attempts),
+                            task_runs::next_attempt_at.eq(due),
+                        ),
+                    )
+                })
+                .collect();
+            runs.sort_by_key(|(key, _)| *key);
+            runs.dedup_by_key(|(key, _)| *key);
+            let runs: Vec<_> = runs.into_iter().map(|(_, row)| row).collect();
             diesel::insert_into(task_runs::table)
                 .values(&runs)
                 .on_conflict((task_runs::submission_id, task_runs::task_id))
                 .do_nothing()
                 .execute(conn)?;
-            task_runs::table
+            let found = task_runs::table
                 .filter(task_runs::submission_id.eq_any(&ids))
                 .filter(task_runs::is_async.eq(true))
                 .select((
@@ -315,12 +378,17 @@ impl Registry {
                     task_runs::published_at,
                     task_runs::state,
                 ))
-                .load(conn)
+                .load(conn)?;
+            Ok::<_, diesel::result::Error>((conflicts, found))
         })?;
         Ok(requests
             .iter()
-            .map(|r| {
-                found
+            .zip(conflicts)
+            .map(|(r, conflict)| {
+                if let Some(conflict) = conflict {
+                    return Err(conflict);
+                }
+                Ok(found
                     .iter()
                     .filter(|(sub, _, task, _, _)| {
                         *sub == r.submission && r.tasks.iter().any(|t| t.id == *task)
@@ -330,7 +398,7 @@ impl Registry {
                         task_id: *task_id,
                         unpublished: published.is_none() && PENDING.contains(&state.as_str()),
                     })
-                    .collect()
+                    .collect())
             })
             .collect())
     }
@@ -539,7 +607,15 @@ impl Registry {
                     "retrying",
                     None,
                     Some(error.as_str()),
-                    Some(now + chrono::Duration::from_std(*after).unwrap_or_default()),
+                    // Checked: no delay, however large, can overflow the
+                    // time arithmetic (a year is the most it ever means).
+                    Some(
+                        chrono::Duration::from_std(*after)
+                            .ok()
+                            .and_then(|d| now.checked_add_signed(d))
+                            .unwrap_or_else(|| now + chrono::Duration::days(365))
+                            .min(now + chrono::Duration::days(365)),
+                    ),
                 ),
                 Finish::Dead { error } => ("dead", None, Some(error.as_str()), None),
             };

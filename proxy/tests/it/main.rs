@@ -6,6 +6,7 @@ mod util;
 mod asynchronous;
 mod cli;
 mod database;
+mod edge;
 mod faults;
 mod hosts;
 mod hot_reload;

@@ -153,6 +153,7 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
         hosts: proxy::plugins::HostConfig::new(test_support::daisy_bin()),
         isolation: proxy::plugins::Isolation::Process,
         max_request_bytes: 64 * 1024,
+        limits: proxy::grpc::Limits::default(),
         max_concurrent_tasks: 16,
         queue,
         outbox_grace: Duration::from_millis(1500),

@@ -1,6 +1,8 @@
 //! The gRPC edge: the `PostSubProxy` service. The only module that sees
 //! generated protobuf types; errors become `tonic::Status` here and only here.
 
+mod limits;
+
 use std::{sync::Arc, time::Instant};
 
 use chrono::Utc;
@@ -17,13 +19,15 @@ use proto::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+pub use self::limits::Limits;
+
 use crate::{
     SyncRunLog,
     catalog::Catalog,
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
     outbox::{Acceptor, Outbox, RunLog},
-    registry::{Acceptance, Registry, RunState, SyncRun},
+    registry::{Acceptance, Registry, Replay, RunState, SyncRun},
 };
 
 /// The `PostSubProxy` service.
@@ -36,6 +40,7 @@ pub struct Service {
     outbox: Outbox,
     run_log: RunLog,
     sync_run_log: SyncRunLog,
+    limits: Limits,
 }
 
 impl Service {
@@ -61,7 +66,14 @@ impl Service {
             outbox,
             run_log,
             sync_run_log,
+            limits: Limits::default(),
         }
+    }
+
+    /// The same service, checking submissions against `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Service {
+        self.limits = limits;
+        self
     }
 }
 
@@ -98,6 +110,9 @@ impl PostSubProxy for Service {
         let submission = request
             .submission
             .ok_or_else(|| Status::invalid_argument("submission is missing"))?;
+        self.limits
+            .check(&submission)
+            .map_err(|refusal| Status::invalid_argument(refusal.0))?;
 
         let started = Instant::now();
         let tasks = self
@@ -121,7 +136,7 @@ impl PostSubProxy for Service {
         // The outbox commit and the synchronous tasks run side by side.
         let accept = async {
             if later.is_empty() {
-                return Ok(Vec::new());
+                return Ok(Ok(Vec::new()));
             }
             self.acceptor
                 .accept(Acceptance {
@@ -134,7 +149,9 @@ impl PostSubProxy for Service {
         };
         let sync_started = Utc::now();
         let (accepted, runs) = tokio::join!(accept, self.executor.run_all(&sync, &submission, 1));
-        let accepted = accepted.map_err(registry_status)?;
+        let accepted = accepted
+            .map_err(registry_status)?
+            .map_err(|Replay::Conflict(why)| Status::already_exists(why))?;
 
         let fresh: Vec<Uuid> = accepted
             .iter()
@@ -345,20 +362,40 @@ pub async fn call_get_runs(
     }
 }
 
-/// Rewrites tonic's "message too large" (`OUT_OF_RANGE`) into the
-/// `RESOURCE_EXHAUSTED` that Daisy's contract promises for oversized requests.
-pub fn oversize_to_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+/// Puts right the statuses tonic gives before the service sees a request:
+/// a request over `max_decoding_message_size` is `RESOURCE_EXHAUSTED` (not
+/// `OUT_OF_RANGE`), and one protobuf cannot decode (too deeply nested,
+/// malformed) is `INVALID_ARGUMENT` (not `INTERNAL`), with a message that
+/// says what to fix instead of the decoder's internals.
+pub fn edge_statuses<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| {
-                m.contains("message%20length%20too%20large")
-                    || m.contains("message length too large")
-            });
-    if too_large {
+    let status = headers.get("grpc-status").cloned();
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(|m| {
+            percent_encoding::percent_decode_str(m)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    if status.as_ref().is_some_and(|s| s == "11") && message.contains("message length too large") {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    } else if status.as_ref().is_some_and(|s| s == "13")
+        && message.starts_with("failed to decode Protobuf message")
+    {
+        let why = if message.contains("recursion limit") {
+            "request is nested too deeply to decode: a submission may nest at most 32 levels of objects and lists"
+        } else {
+            "request is not a valid protobuf message for this method"
+        };
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        let encoded =
+            percent_encoding::utf8_percent_encode(why, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        if let Ok(value) = http::HeaderValue::from_str(&encoded) {
+            headers.insert("grpc-message", value);
+        }
     }
     response
 }

@@ -1,0 +1,284 @@
+//! No request and no failure wedges Daisy: the edge refuses what the
+//! database would, replays must match, and one bad item never sinks a batch.
+
+use std::time::{Duration, Instant};
+
+use proto::v1::{GetRunsRequest, Outcome, RunState};
+use proxy::{
+    outbox::{Acceptor, RunLog},
+    registry::{Acceptance, NewTask, SyncRun},
+};
+use serde_json::{Value, json};
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::util::*;
+
+fn async_task(form: Uuid, name: &str, func: &str, config: Value, max_attempts: i32) -> NewTask {
+    NewTask {
+        form_id: form,
+        name: name.into(),
+        module: "testkit".into(),
+        func: func.into(),
+        is_async: true,
+        config,
+        enabled: true,
+        timeout_ms: 5_000,
+        max_attempts,
+        isolation: None,
+    }
+}
+
+/// A submission nested `levels` deep.
+fn nested(levels: usize) -> Value {
+    (1..levels).fold(json!({"leaf": 1}), |inner, _| json!({ "n": inner }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_refused_naming_the_field_and_the_run_log_keeps_going() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("echo", "echo");
+    plugins.install("testkit", "testkit");
+    let (sync_form, async_form) = (Uuid::new_v4(), Uuid::new_v4());
+    db.attach(sync_form, "echo", "echo", "echo", json!({}));
+    db.attach_with(async_task(async_form, "later", "config", json!({}), 5));
+    let server = TestServer::start(&db.url, plugins.path()).await;
+    let mut client = server.client().await;
+
+    for form in [sync_form, async_form] {
+        let status = client
+            .process(request(form, json!({"answers": {"name": "x\u{0}y"}})))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("submission.answers.name")
+                && status.message().contains("NUL"),
+            "{status:?}"
+        );
+    }
+    // A clean call right after is served and recorded within 2 s.
+    let clean = request(sync_form, sample());
+    let response = client
+        .process(clean.clone())
+        .await
+        .expect("served")
+        .into_inner();
+    assert_eq!(response.results[0].outcome(), Outcome::Succeeded);
+    let recorded = wait_for_runs(
+        &mut client,
+        &clean.submission_id,
+        Duration::from_secs(2),
+        |runs| !runs.is_empty(),
+    )
+    .await;
+    assert_eq!(recorded.len(), 1);
+    let response = client
+        .process(request(async_form, sample()))
+        .await
+        .expect("served");
+    assert_eq!(response.into_inner().enqueued.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_nesting_is_invalid_argument_saying_what_to_fix() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("echo", "echo");
+    let form = Uuid::new_v4();
+    db.attach(form, "echo", "echo", "echo", json!({}));
+    let server = TestServer::start(&db.url, plugins.path()).await;
+    let mut client = server.client().await;
+    for levels in [33, 60] {
+        let status = client
+            .process(request(form, nested(levels)))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{levels}: {status:?}");
+        assert!(
+            status.message().contains("32 levels"),
+            "{levels}: {status:?}"
+        );
+        assert!(
+            !status.message().contains("Protobuf"),
+            "{levels}: {status:?}"
+        );
+    }
+    let ok = process(&mut client, form, nested(32)).await;
+    assert_eq!(ok.results[0].outcome(), Outcome::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_with_another_form_or_payload_is_already_exists_and_runs_nothing() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    let (first, other) = (Uuid::new_v4(), Uuid::new_v4());
+    db.attach_with(async_task(first, "first", "config", json!({}), 5));
+    db.attach_with(async_task(other, "other", "config", json!({}), 5));
+    let server = TestServer::start(&db.url, plugins.path()).await;
+    let mut client = server.client().await;
+
+    let original = request(first, sample());
+    let accepted = client
+        .process(original.clone())
+        .await
+        .expect("accepted")
+        .into_inner();
+    // Another form, same submission id.
+    let status = client
+        .process(proto::v1::ProcessRequest {
+            form_id: other.to_string(),
+            ..original.clone()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains(&first.to_string()), "{status:?}");
+    // The same form, another payload.
+    let status = client
+        .process(proto::v1::ProcessRequest {
+            submission: Some(to_struct(json!({"something": "else"}))),
+            ..original.clone()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(
+        status.message().contains("different submission"),
+        "{status:?}"
+    );
+    // An exact replay keeps its idempotent answer.
+    let replayed = client
+        .process(original.clone())
+        .await
+        .expect("replayed")
+        .into_inner();
+    assert_eq!(replayed.enqueued, accepted.enqueued);
+    let runs = client
+        .get_runs(GetRunsRequest {
+            submission_id: original.submission_id.clone(),
+        })
+        .await
+        .expect("runs")
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].name, "first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_submission_the_database_refuses_fails_alone_in_its_batch() {
+    let db = TestDb::new();
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "later", "config", json!({}), 5));
+    // One writer, so concurrent submissions share batches.
+    let acceptor = Acceptor::start(db.registry(), Duration::from_secs(60), 1);
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let (acceptor, task) = (acceptor.clone(), task.clone());
+            // Bypasses the edge: PostgreSQL's jsonb refuses NUL.
+            let payload = if i == 20 {
+                json!({"bad": "x\u{0}y"})
+            } else {
+                json!({"i": i})
+            };
+            tokio::spawn(async move {
+                acceptor
+                    .accept(Acceptance {
+                        form,
+                        submission: Uuid::new_v4(),
+                        payload,
+                        tasks: vec![task],
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(call.await.expect("call"));
+    }
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (20, Err(_)) => {}
+            (20, Ok(_)) => panic!("the refused submission was accepted"),
+            (_, Ok(Ok(runs))) => assert_eq!(runs.len(), 1),
+            (_, other) => panic!("submission {i} failed with the bad one: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_log_record_the_database_refuses_is_dropped_and_the_log_moves_on() {
+    let db = TestDb::new();
+    let registry = db.registry();
+    let (run_log, _writer) = RunLog::start(registry.clone(), 1000);
+    let record = |submission: Uuid, output: Value| SyncRun {
+        id: Uuid::new_v4(),
+        submission_id: submission,
+        form_id: Uuid::new_v4(),
+        task_id: Uuid::new_v4(),
+        task_name: "echo".into(),
+        state: "succeeded",
+        last_error: None,
+        output: Some(output),
+        started_at: chrono::Utc::now(),
+        finished_at: chrono::Utc::now(),
+    };
+    let (good, bad, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    run_log.record(vec![
+        record(good, json!({"ok": 1})),
+        record(bad, json!({"plugin said": "x\u{0}y"})),
+        record(good, json!({"ok": 2})),
+    ]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run_log.record(vec![record(later, json!({"ok": 3}))]);
+    let started = Instant::now();
+    loop {
+        let (g, l) = (
+            registry.runs_for_submission(good).expect("runs"),
+            registry.runs_for_submission(later).expect("runs"),
+        );
+        if g.len() == 2 && l.len() == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the run log is stuck: {} and {} rows",
+            g.len(),
+            l.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(registry.runs_for_submission(bad).expect("runs").is_empty());
+    assert_eq!(run_log.dropped(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_ends_in_a_normal_retry() {
+    let mut stack = test_support::Stack::start(&[("testkit", "testkit")], &[]).await;
+    let form = Uuid::new_v4();
+    let task = stack.attach(
+        form,
+        "throttled",
+        "testkit",
+        "fail",
+        true,
+        &json!({"retryable": true, "retry_after_secs": 1_000_000_000_000u64, "message": "slow down"}),
+    );
+    stack.db.execute(&format!(
+        "UPDATE tasks SET max_attempts = 2 WHERE id = '{task}'"
+    ));
+    let (submission, _) = stack.process(form, sample()).await;
+    // The worker's --retry-max-ms is 2000: the second attempt comes within it.
+    let runs = stack.settled(&submission, Duration::from_secs(30)).await;
+    assert_eq!(runs[0].state(), RunState::Dead, "{:?}", runs[0]);
+    assert_eq!(runs[0].attempts, 2, "{:?}", runs[0]);
+    assert!(
+        runs[0].last_error.contains("gave up after 2 attempts"),
+        "{:?}",
+        runs[0]
+    );
+}
