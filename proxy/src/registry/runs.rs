@@ -403,13 +403,17 @@ impl Registry {
             .collect())
     }
 
-    /// Records that the broker confirmed these runs.
+    /// Records that the broker confirmed these freshly accepted runs. A run
+    /// a worker has claimed meanwhile is left alone: marking a run that is
+    /// already `retrying` published would hide its retry from the relay.
     pub fn mark_published(&self, runs: &[Uuid]) -> Result<(), RegistryError> {
         let mut conn = self.conn()?;
         diesel::update(
             task_runs::table
                 .filter(task_runs::id.eq_any(runs))
-                .filter(task_runs::published_at.is_null()),
+                .filter(task_runs::published_at.is_null())
+                .filter(task_runs::state.eq("queued"))
+                .filter(task_runs::attempts.eq(0)),
         )
         .set(task_runs::published_at.eq(diesel::dsl::now))
         .execute(&mut conn)?;
@@ -528,7 +532,8 @@ impl Registry {
     }
 
     /// Claims runs for execution, one statement for the whole batch: only a
-    /// queued or retrying run, or a running one whose message RabbitMQ
+    /// queued run, a retrying one whose backoff has passed (a duplicate
+    /// message does not skip it), or a running one whose message RabbitMQ
     /// redelivered (its worker died). Each request's `token` identifies its
     /// delivery: retrying a claim after an ambiguous commit finds the claim
     /// already ours and takes it again without counting another attempt.
@@ -548,7 +553,8 @@ impl Registry {
                  claim_token = i.token, started_at = now(), updated_at = now() \
              FROM unnest($1, $2, $3) AS i(id, redelivered, token), submissions s \
              WHERE t.id = i.id AND s.id = t.submission_id \
-               AND (t.state = ANY($4) \
+               AND (t.state = 'queued' \
+                    OR (t.state = 'retrying' AND t.next_attempt_at <= now()) \
                     OR (t.state = 'running' AND (i.redelivered OR t.claim_token = i.token))) \
              RETURNING i.token, t.id AS run_id, t.task_id, t.form_id, t.submission_id, \
                        s.payload, t.attempts, t.max_attempts, t.started_at",
@@ -556,7 +562,6 @@ impl Registry {
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.run).collect::<Vec<_>>())
         .bind::<Array<Bool>, _>(requests.iter().map(|r| r.redelivered).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.token).collect::<Vec<_>>())
-        .bind::<Array<diesel::sql_types::Text>, _>(&PENDING[..])
         .load(&mut conn)?;
         let mut by_token: std::collections::HashMap<Uuid, ClaimedRow> =
             rows.into_iter().map(|row| (row.token, row)).collect();

@@ -282,3 +282,68 @@ async fn a_huge_retry_after_ends_in_a_normal_retry() {
         runs[0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_message_respects_backoff_and_a_late_publish_mark_hides_no_retry() {
+    use proxy::registry::{ClaimRequest, Finish};
+    let db = TestDb::new();
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "later", "config", json!({}), 5));
+    let registry = db.registry();
+    let submission = Uuid::new_v4();
+    let accepted = registry
+        .accept(
+            &[Acceptance {
+                form,
+                submission,
+                payload: json!({}),
+                tasks: vec![task],
+            }],
+            Duration::ZERO,
+        )
+        .expect("accepted");
+    let run = accepted[0].as_ref().expect("no conflict")[0].run_id;
+    let claim = |token: Uuid| {
+        registry
+            .claim(&[ClaimRequest {
+                run,
+                redelivered: false,
+                token,
+            }])
+            .expect("claim")
+            .pop()
+            .expect("one answer")
+    };
+    let claimed = claim(Uuid::new_v4()).expect("claimed");
+    // A fast worker fails it and stores the retry...
+    registry
+        .finish(
+            "worker",
+            &[(
+                claimed,
+                Finish::Retry {
+                    error: "busy".into(),
+                    after: Duration::from_secs(60),
+                },
+            )],
+        )
+        .expect("finished");
+    // ...before the proxy records that the first publish was confirmed.
+    registry.mark_published(&[run]).expect("marked");
+    let stored = &registry.runs_for_submission(submission).expect("runs")[0];
+    assert_eq!(stored.state, "retrying");
+    assert!(
+        stored.published_at.is_none(),
+        "the retry is hidden from the relay: {stored:?}"
+    );
+    // A duplicate of the first message, inside the backoff: nothing to claim.
+    assert!(
+        claim(Uuid::new_v4()).is_none(),
+        "the duplicate skipped the backoff"
+    );
+    db.execute(&format!(
+        "UPDATE task_runs SET next_attempt_at = now() - interval '1 second' WHERE id = '{run}'"
+    ));
+    let again = claim(Uuid::new_v4()).expect("claimed once due");
+    assert_eq!(again.attempt, 2);
+}
