@@ -34,6 +34,24 @@ pub enum DaisyError {
     Address(String),
 }
 
+impl DaisyError {
+    /// Whether sending the same submission again cannot succeed: Daisy
+    /// refused it (`INVALID_ARGUMENT`, `ALREADY_EXISTS`, `PERMISSION_DENIED`),
+    /// or it is not a JSON object.
+    pub fn is_final(&self) -> bool {
+        match self {
+            DaisyError::Status { code, .. } => matches!(
+                code,
+                tonic::Code::InvalidArgument
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::PermissionDenied
+            ),
+            DaisyError::NotAnObject => true,
+            DaisyError::Deadline(_) | DaisyError::Address(_) => false,
+        }
+    }
+}
+
 /// A lazily connecting client of Daisy's `PostSubProxy` service.
 #[derive(Debug, Clone)]
 pub struct DaisyClient {

@@ -74,6 +74,9 @@ where
             };
             let outcome = match daisy.send(&stored, daisy.client.deadline()).await {
                 Ok(done) => done,
+                Err(err) if err.is_final() => {
+                    json!({ "status": "rejected", "reason": err.to_string() })
+                }
                 Err(err) => {
                     tracing::warn!(submission.id = %stored.submission_id, error = %err, "Daisy did not accept the submission; it stays pending");
                     json!({ "status": "pending", "reason": err.to_string() })

@@ -21,6 +21,11 @@
 //!   ([`PostSubmission::spawn_resender`]) sends it again after a grace
 //!   period, with backoff, until Daisy accepts it. `Process` is idempotent on
 //!   the submission id, so a re-send never duplicates an asynchronous task.
+//! - `{"status": "rejected", "reason": "..."}` when Daisy refused the
+//!   submission for good (`INVALID_ARGUMENT`: it breaks a limit;
+//!   `ALREADY_EXISTS`: its id was used for another form or submission;
+//!   `PERMISSION_DENIED`). Sending it again cannot help, so it leaves the
+//!   pending list through [`PendingStore::mark_rejected`], with the reason.
 //!
 //! Non-2xx responses, and responses without [`Stored`], pass through untouched.
 
@@ -62,6 +67,10 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub trait PendingStore: Send + Sync + 'static {
     /// Daisy accepted this submission.
     fn mark_done(&self, submission_id: Uuid) -> StoreFuture<'_, ()>;
+    /// Daisy refused this submission for good (`reason` says why): it must
+    /// leave the pending list, and the backend should keep it where people
+    /// can see it.
+    fn mark_rejected(&self, submission_id: Uuid, reason: String) -> StoreFuture<'_, ()>;
     /// Up to `limit` submissions pending for longer than `older_than`, oldest first.
     fn pending(
         &self,
@@ -75,6 +84,8 @@ pub trait PendingStore: Send + Sync + 'static {
 pub struct PostSubmission {
     client: DaisyClient,
     store: Arc<dyn PendingStore>,
+    /// The resender's per-submission backoff (see [`Resend`]).
+    backoff: Arc<std::sync::Mutex<resend::Backoffs>>,
 }
 
 impl std::fmt::Debug for PostSubmission {
@@ -91,6 +102,7 @@ impl PostSubmission {
         PostSubmission {
             client,
             store: Arc::new(store),
+            backoff: Arc::default(),
         }
     }
 
@@ -101,7 +113,21 @@ impl PostSubmission {
         stored: &Stored,
         deadline: std::time::Duration,
     ) -> Result<serde_json::Value, DaisyError> {
-        let outcome = self.client.process(stored, deadline).await?;
+        let outcome = match self.client.process(stored, deadline).await {
+            Ok(outcome) => outcome,
+            Err(err) if err.is_final() => {
+                tracing::warn!(submission.id = %stored.submission_id, error = %err, "Daisy refused the submission for good; it is marked rejected");
+                if let Err(store_err) = self
+                    .store
+                    .mark_rejected(stored.submission_id, err.to_string())
+                    .await
+                {
+                    tracing::warn!(submission.id = %stored.submission_id, error = %store_err, "marking a submission rejected failed");
+                }
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
         if let Err(err) = self.store.mark_done(stored.submission_id).await {
             // Still pending in the store: the resender sends it again, and
             // Daisy answers a replay with the same runs.

@@ -1,6 +1,11 @@
 //! The resender: sends what is still pending until Daisy accepts it.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use uuid::Uuid;
 
 use crate::PostSubmission;
 
@@ -31,8 +36,22 @@ impl Default for Resend {
     }
 }
 
+/// Per submission: failed sends in a row, and when to try it next.
+pub(crate) type Backoffs = HashMap<Uuid, (u32, Instant)>;
+
+/// Transient failures in a row after which a pass stops: Daisy itself is
+/// down or failing, not one submission.
+const DAISY_DOWN_AFTER: usize = 3;
+
 impl PostSubmission {
     /// Starts the resender on the current runtime; it runs until aborted.
+    ///
+    /// One poison submission never blocks the others: a submission whose
+    /// send fails waits out a backoff of its own (doubling from `interval`
+    /// up to `max_backoff`) while the pass goes on with the next one. A
+    /// submission Daisy refuses for good is marked rejected at once. Only
+    /// when several sends in a row fail (Daisy is down) does the whole
+    /// resender back off.
     pub fn spawn_resender(&self, resend: Resend) -> tokio::task::JoinHandle<()> {
         let daisy = self.clone();
         tokio::spawn(async move {
@@ -47,23 +66,70 @@ impl PostSubmission {
         })
     }
 
-    /// One pass: sends up to `batch` pending submissions; `Err` if Daisy or
-    /// the store failed (the caller backs off). Returns how many were sent.
+    /// One pass: sends up to `batch` pending submissions that are not
+    /// waiting out a backoff. `Err` if the store failed or Daisy looks down
+    /// (several sends in a row failed; the caller backs off). Returns how
+    /// many were sent.
     pub async fn resend_pass(&self, resend: &Resend) -> Result<usize, ()> {
-        let pending = match self.store.pending(resend.grace, resend.batch).await {
+        let waiting = self.backoff.lock().expect("backoff lock").len();
+        // Ask for enough to get past those waiting out a backoff.
+        let limit = resend.batch + waiting.min(resend.batch * 9);
+        let pending = match self.store.pending(resend.grace, limit).await {
             Ok(pending) => pending,
             Err(err) => {
                 tracing::warn!(error = %err, "listing pending submissions failed");
                 return Err(());
             }
         };
-        let mut sent = 0;
+        // Forget submissions that are no longer pending: the map stays bounded.
+        {
+            let ids: HashSet<Uuid> = pending.iter().map(|s| s.submission_id).collect();
+            self.backoff
+                .lock()
+                .expect("backoff lock")
+                .retain(|id, _| ids.contains(id));
+        }
+        let (mut sent, mut tried, mut failed_in_a_row) = (0, 0, 0);
         for stored in pending {
+            let id = stored.submission_id;
+            let due = self
+                .backoff
+                .lock()
+                .expect("backoff lock")
+                .get(&id)
+                .is_none_or(|(_, next)| *next <= Instant::now());
+            if !due {
+                continue;
+            }
+            if tried == resend.batch {
+                break;
+            }
+            tried += 1;
             match self.send(&stored, resend.deadline).await {
-                Ok(_) => sent += 1,
+                Ok(_) => {
+                    sent += 1;
+                    failed_in_a_row = 0;
+                    self.backoff.lock().expect("backoff lock").remove(&id);
+                }
+                // `send` marked it rejected: it leaves the pending list.
+                Err(err) if err.is_final() => {
+                    failed_in_a_row = 0;
+                    self.backoff.lock().expect("backoff lock").remove(&id);
+                }
                 Err(err) => {
-                    tracing::warn!(submission.id = %stored.submission_id, error = %err, "re-sending to Daisy failed; backing off");
-                    return Err(());
+                    failed_in_a_row += 1;
+                    let mut backoff = self.backoff.lock().expect("backoff lock");
+                    let (failures, next) = backoff.entry(id).or_insert((0, Instant::now()));
+                    *failures += 1;
+                    let delay = resend
+                        .interval
+                        .saturating_mul(1 << (*failures - 1).min(16))
+                        .min(resend.max_backoff);
+                    *next = Instant::now() + delay;
+                    tracing::warn!(submission.id = %id, error = %err, retry_in_ms = delay.as_millis() as u64, "re-sending to Daisy failed");
+                    if failed_in_a_row >= DAISY_DOWN_AFTER {
+                        return Err(());
+                    }
                 }
             }
         }

@@ -22,9 +22,13 @@ use test_support::{Daisy, PluginsDir, TestDb, TestQueue, free_port};
 use tower::ServiceExt;
 use uuid::Uuid;
 
-/// The backend's store, in memory: submission id → (stored at, submission).
+/// The backend's store, in memory: submission id → (stored at, submission),
+/// and the rejected ones with their reasons.
 #[derive(Clone, Default)]
-struct MemStore(Arc<Mutex<HashMap<Uuid, (Instant, Stored)>>>);
+struct MemStore(
+    Arc<Mutex<HashMap<Uuid, (Instant, Stored)>>>,
+    Arc<Mutex<Vec<(Uuid, String)>>>,
+);
 
 impl MemStore {
     fn add(&self, stored: Stored) {
@@ -43,16 +47,26 @@ impl PendingStore for MemStore {
         self.0.lock().expect("store lock").remove(&submission_id);
         Box::pin(async { Ok(()) })
     }
+    fn mark_rejected(&self, submission_id: Uuid, reason: String) -> StoreFuture<'_, ()> {
+        self.0.lock().expect("store lock").remove(&submission_id);
+        self.1
+            .lock()
+            .expect("store lock")
+            .push((submission_id, reason));
+        Box::pin(async { Ok(()) })
+    }
     fn pending(&self, older_than: Duration, limit: usize) -> StoreFuture<'_, Vec<Stored>> {
-        let due = self
+        // Oldest first, as a real store lists them.
+        let mut due: Vec<(Instant, Stored)> = self
             .0
             .lock()
             .expect("store lock")
             .values()
             .filter(|(at, _)| at.elapsed() >= older_than)
-            .take(limit)
-            .map(|(_, s)| s.clone())
+            .cloned()
             .collect();
+        due.sort_by_key(|(at, _)| *at);
+        let due: Vec<Stored> = due.into_iter().take(limit).map(|(_, s)| s).collect();
         Box::pin(async move { Ok(due) })
     }
 }
@@ -304,5 +318,52 @@ async fn slow_daisy_is_cut_off_at_the_deadline_and_completed_later() {
         ..Resend::default()
     };
     assert_eq!(daisy.resend_pass(&resend).await, Ok(1));
+    assert!(store.pending_ids().is_empty());
+}
+
+#[tokio::test]
+async fn a_submission_daisy_refuses_is_rejected_and_blocks_none_behind_it() {
+    let backend = Backend::new("echo", json!({}));
+    let addr = free_port();
+    let _daisy = backend.serve_at(addr);
+    wait_until_served(addr).await;
+    let store = MemStore::default();
+    let client = DaisyClient::connect_lazy(&format!("http://{addr}"), Duration::from_secs(5))
+        .expect("client");
+    let daisy = PostSubmission::new(client, store.clone());
+    // The oldest pending submission is one Daisy refuses (nested 60 deep);
+    // five good ones wait behind it.
+    let poison = (1..60).fold(json!({"leaf": 1}), |inner, _| json!({ "n": inner }));
+    let poison_id = Uuid::new_v4();
+    store.add(Stored {
+        form_id: backend.form,
+        submission_id: poison_id,
+        submission: poison,
+    });
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(2));
+        store.add(Stored {
+            form_id: backend.form,
+            submission_id: Uuid::new_v4(),
+            submission: json!({"name": format!("n{i}")}),
+        });
+    }
+    let resend = Resend {
+        grace: Duration::ZERO,
+        ..Resend::default()
+    };
+    assert_eq!(daisy.resend_pass(&resend).await, Ok(5));
+    assert!(store.pending_ids().is_empty(), "{:?}", store.pending_ids());
+    let rejected = store.1.lock().expect("store lock").clone();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].0, poison_id);
+    assert!(rejected[0].1.contains("InvalidArgument"), "{rejected:?}");
+
+    // Through the layer, a refused submission answers `rejected` at once.
+    let app = app(daisy.clone(), store.clone());
+    let deep = (1..60).fold(json!({"leaf": 1}), |inner, _| json!({ "n": inner }));
+    let (status, body) = call(&app, backend.form, json!({"name": "Ada", "deep": deep})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body["post_submission"]["status"], "rejected", "{body}");
     assert!(store.pending_ids().is_empty());
 }

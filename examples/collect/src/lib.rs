@@ -65,6 +65,7 @@ pub fn app(pool: DbPool, daisy: PostSubmission) -> Router {
             post(submit).layer(PostSubmissionLayer::new(daisy)),
         )
         .route("/forms/{form_id}/responses/{id}", get(get_response))
+        .route("/responses/rejected", get(rejected_responses))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(pool)
 }
@@ -499,6 +500,33 @@ async fn get_response(
         })
 }
 
+/// The responses Daisy refused for good, newest first, with the reason:
+/// `[{"id", "form_id", "submitted_at", "reason"}]` (at most 1,000).
+async fn rejected_responses(State(pool): State<DbPool>) -> Result<Json<Value>, ApiError> {
+    let rows: Vec<(Uuid, Uuid, DateTime<Utc>, Option<String>)> = blocking(&pool, |conn| {
+        responses::table
+            .filter(responses::post_processing.eq("rejected"))
+            .order(responses::submitted_at.desc())
+            .limit(1000)
+            .select((
+                responses::id,
+                responses::form_id,
+                responses::submitted_at,
+                responses::post_processing_error,
+            ))
+            .load(conn)
+            .map_err(internal)
+    })
+    .await?;
+    Ok(Json(Value::Array(
+        rows.into_iter()
+            .map(|(id, form_id, submitted_at, reason)| {
+                json!({"id": id, "form_id": form_id, "submitted_at": submitted_at, "reason": reason})
+            })
+            .collect(),
+    )))
+}
+
 /// The backend's [`PendingStore`]: the `post_processing` column of `responses`.
 #[derive(Clone)]
 pub struct PgStore(pub DbPool);
@@ -512,6 +540,24 @@ impl PendingStore for PgStore {
                 diesel::update(responses::table.find(submission_id))
                     .set((
                         responses::post_processing.eq("done"),
+                        responses::post_processed_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(&mut conn)?;
+                Ok(())
+            })
+            .await?
+        })
+    }
+
+    fn mark_rejected(&self, submission_id: Uuid, reason: String) -> StoreFuture<'_, ()> {
+        let pool = self.0.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get()?;
+                diesel::update(responses::table.find(submission_id))
+                    .set((
+                        responses::post_processing.eq("rejected"),
+                        responses::post_processing_error.eq(reason),
                         responses::post_processed_at.eq(diesel::dsl::now),
                     ))
                     .execute(&mut conn)?;

@@ -39,6 +39,7 @@ diesel::table! {
         submitted_at -> Timestamptz,
         post_processing -> Text,
         post_processed_at -> Nullable<Timestamptz>,
+        post_processing_error -> Nullable<Text>,
     }
 }
 
