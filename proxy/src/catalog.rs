@@ -1,8 +1,13 @@
 //! The per-form cache of attached tasks, kept fresh by LISTEN/NOTIFY.
 //!
 //! `Process` must not query PostgreSQL on every call, so each form's task
-//! list is cached (an empty list too) and dropped when the registry's
-//! listener reports a change to that form.
+//! list is cached and dropped when the registry's listener reports a change
+//! to that form.
+//!
+//! Bounded: at most [`MAX_FORMS`] forms with tasks (least recently used
+//! first out), and forms without tasks (unknown ids, say from a caller
+//! probing random ones) in a smaller cache of their own, [`MAX_UNKNOWN`]
+//! entries each kept for [`UNKNOWN_TTL`], so they never push real forms out.
 //!
 //! Consistency: a list loaded from the database is cached only if no change
 //! was reported while it was being loaded (the `epoch` check) and only while
@@ -12,13 +17,15 @@
 //! unreachable, cached forms keep being served from the cache.
 
 use std::{
-    collections::HashMap,
+    num::NonZeroUsize,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+use lru::LruCache;
 
 use uuid::Uuid;
 
@@ -30,18 +37,56 @@ use crate::{
 /// A form's tasks, shared by every call that runs them.
 pub type FormTasks = Arc<[TaskDef]>;
 
-#[derive(Default)]
+/// Forms with tasks kept at most.
+pub const MAX_FORMS: usize = 100_000;
+/// Forms without tasks kept at most.
+pub const MAX_UNKNOWN: usize = 10_000;
+/// How long a form without tasks is remembered.
+pub const UNKNOWN_TTL: Duration = Duration::from_secs(10);
+
+struct Forms {
+    known: LruCache<Uuid, FormTasks>,
+    /// Forms with no tasks, and when that was loaded.
+    unknown: LruCache<Uuid, Instant>,
+}
+
+impl Forms {
+    fn remove(&mut self, form: &Uuid) {
+        self.known.pop(form);
+        self.unknown.pop(form);
+    }
+
+    fn clear(&mut self) {
+        self.known.clear();
+        self.unknown.clear();
+    }
+}
+
 struct State {
-    forms: RwLock<HashMap<Uuid, FormTasks>>,
+    forms: Mutex<Forms>,
     /// Bumped on every reported change.
     epoch: AtomicU64,
     /// Whether the listener is connected, i.e. changes are being seen.
     listening: AtomicBool,
 }
 
+impl Default for State {
+    fn default() -> Self {
+        let cap = |n: usize| NonZeroUsize::new(n).expect("a positive capacity");
+        State {
+            forms: Mutex::new(Forms {
+                known: LruCache::new(cap(MAX_FORMS)),
+                unknown: LruCache::new(cap(MAX_UNKNOWN)),
+            }),
+            epoch: AtomicU64::new(0),
+            listening: AtomicBool::new(false),
+        }
+    }
+}
+
 impl State {
     fn apply(&self, change: Change) {
-        let mut forms = self.forms.write().expect("catalog lock poisoned");
+        let mut forms = self.forms.lock().expect("catalog lock poisoned");
         self.epoch.fetch_add(1, Ordering::SeqCst);
         match change {
             Change::Form(form) => {
@@ -99,19 +144,39 @@ impl Catalog {
             .await
             .expect("registry query panicked")?
             .into();
-        let mut forms = self.state.forms.write().expect("catalog lock poisoned");
+        let mut forms = self.state.forms.lock().expect("catalog lock poisoned");
         if self.state.listening.load(Ordering::SeqCst)
             && self.state.epoch.load(Ordering::SeqCst) == epoch
         {
-            forms.insert(form, loaded.clone());
+            if loaded.is_empty() {
+                forms.unknown.put(form, Instant::now());
+            } else {
+                forms.known.put(form, loaded.clone());
+            }
         }
         Ok(loaded)
     }
 
     /// The cached tasks of `form`, if any.
     pub fn cached(&self, form: Uuid) -> Option<FormTasks> {
-        let forms = self.state.forms.read().expect("catalog lock poisoned");
-        forms.get(&form).cloned()
+        let mut forms = self.state.forms.lock().expect("catalog lock poisoned");
+        if let Some(tasks) = forms.known.get(&form) {
+            return Some(tasks.clone());
+        }
+        match forms.unknown.get(&form) {
+            Some(loaded) if loaded.elapsed() < UNKNOWN_TTL => Some(Arc::from([])),
+            Some(_) => {
+                forms.unknown.pop(&form);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// How many forms are cached: (with tasks, without).
+    pub fn sizes(&self) -> (usize, usize) {
+        let forms = self.state.forms.lock().expect("catalog lock poisoned");
+        (forms.known.len(), forms.unknown.len())
     }
 }
 

@@ -1,6 +1,6 @@
 //! Assembles and runs the gRPC server.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use proto::v1::post_sub_proxy_server::PostSubProxyServer;
 use tokio::net::TcpListener;
@@ -16,6 +16,12 @@ use crate::{
     queue::Publisher,
     registry::{Change, Registry},
 };
+
+/// Calls one connection may have open at once.
+const MAX_STREAMS: u32 = 1024;
+/// The longest a call may take before the server answers it with
+/// `DEADLINE_EXCEEDED` (task timeouts are meant to be far shorter).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Serves `PostSubProxy`, health and reflection on `listener` until
 /// `shutdown` completes; then stops accepting and lets in-flight calls finish.
@@ -53,11 +59,17 @@ pub async fn run(
     // Half the pool writes the outbox; the rest serves lookups and the relay.
     let writers = (config.db.pool_size as usize / 2).max(1);
     let acceptor = Acceptor::start(registry.clone(), config.outbox_grace, writers);
+    // GetRuns reads through a small pool of its own: a burst of reads never
+    // takes the connections the writers need, nor the other way round.
+    let reads = Registry::new(&crate::DbConfig {
+        pool_size: 2,
+        ..config.db.clone()
+    });
     let service = PostSubProxyServer::new(
         Service::new(
             catalog,
             executor,
-            registry,
+            reads,
             acceptor,
             outbox,
             run_log,
@@ -91,6 +103,16 @@ pub async fn run(
         Ok::<_, std::io::Error>(stream)
     });
     tonic::transport::Server::builder()
+        // Bounds per connection, so that one client cannot hold the server:
+        // streams (calls) at once, calls being served at once, and how long
+        // one call may take (longer than any task's timeout should be).
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        .concurrency_limit_per_connection(MAX_STREAMS as usize)
+        .timeout(REQUEST_TIMEOUT)
+        // Dead peers are found and their connections closed.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .layer(tower::util::MapResponseLayer::new(edge_statuses))
         .add_service(health_service)
         .add_service(reflection)

@@ -347,3 +347,40 @@ async fn a_duplicate_message_respects_backoff_and_a_late_publish_mark_hides_no_r
     let again = claim(Uuid::new_v4()).expect("claimed once due");
     assert_eq!(again.attempt, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_form_cache_stays_bounded_under_100_000_random_form_ids() {
+    use proxy::catalog::{Catalog, MAX_UNKNOWN};
+    let db = TestDb::new();
+    let real = Uuid::new_v4();
+    db.attach(real, "echo", "echo", "echo", json!({}));
+    let catalog = std::sync::Arc::new(Catalog::start(db.registry(), |_| {}));
+    // Cached only once the listener is connected.
+    let started = Instant::now();
+    while catalog.cached(real).is_none() {
+        catalog.tasks(real).await.expect("tasks");
+        assert!(started.elapsed() < Duration::from_secs(5), "never cached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let catalog = catalog.clone();
+            tokio::spawn(async move {
+                for _ in 0..12_500 {
+                    let tasks = catalog.tasks(Uuid::new_v4()).await.expect("tasks");
+                    assert!(tasks.is_empty());
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("caller");
+    }
+    let (known, unknown) = catalog.sizes();
+    assert_eq!(known, 1);
+    assert!(unknown <= MAX_UNKNOWN, "{unknown} unknown forms cached");
+    assert!(
+        catalog.cached(real).is_some(),
+        "the flood pushed a real form out"
+    );
+}
