@@ -60,6 +60,9 @@ pub struct Config {
     pub stale_after: std::time::Duration,
     /// Which synchronous runs go to the run log.
     pub sync_run_log: SyncRunLog,
+    /// Delete finished runs and their submissions older than this,
+    /// continuously; `None` keeps everything.
+    pub retain: Option<std::time::Duration>,
 }
 
 /// Which synchronous runs `Process` records in `task_runs` (asynchronous

@@ -270,6 +270,16 @@ enum RunsCommand {
         #[arg(long)]
         wait: Option<u64>,
     },
+    /// Delete finished runs (succeeded or dead), their attempts and their
+    /// submissions older than a given age, in small batches; queued,
+    /// running and retrying runs are never touched.
+    Prune {
+        /// How old: a number with `d` (days), `h` (hours) or `m` (minutes), e.g. `30d`.
+        #[arg(long, value_parser = parse_age)]
+        older_than: Duration,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Re-queue a dead run (or every dead one) once its cause is fixed.
     Retry {
         /// The run to retry.
@@ -328,6 +338,10 @@ struct ServeArgs {
     /// finished, after this many seconds; keep it above the longest task timeout.
     #[arg(long, env = "DAISY_STALE_AFTER_SECS", default_value_t = 900)]
     stale_after_secs: u64,
+    /// Delete finished runs, their attempts and submissions after this many
+    /// days, continuously (0: keep everything).
+    #[arg(long, env = "DAISY_RETAIN_DAYS", default_value_t = 0)]
+    retain_days: u64,
     /// Which synchronous runs are recorded in the run log: `all` (GetRuns
     /// shows every run) or `failed` (one row less per successful task run).
     #[arg(long, env = "DAISY_SYNC_RUN_LOG", value_enum, default_value = "all")]
@@ -400,6 +414,24 @@ enum PluginCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+}
+
+/// Parses an age such as `30d`, `12h` or `90m`.
+fn parse_age(value: &str) -> Result<Duration, String> {
+    let (number, unit) = value.split_at(value.len().saturating_sub(1));
+    let seconds = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        _ => return Err(format!("'{value}': give a number with d, h or m, e.g. 30d")),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{value}': give a number with d, h or m, e.g. 30d"))?;
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("'{value}' is too long"))
 }
 
 /// glibc gives each thread that allocates its own malloc arena, up to eight
@@ -552,6 +584,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             relay_interval: Duration::from_millis(args.relay_interval_ms),
             stale_after: Duration::from_secs(args.stale_after_secs),
             sync_run_log: args.sync_run_log,
+            retain: (args.retain_days > 0)
+                .then(|| Duration::from_secs(args.retain_days.saturating_mul(86_400))),
         };
         proxy::run(listener, config, shutdown_signal()).await
     })
@@ -684,6 +718,15 @@ fn runs(command: RunsCommand) -> anyhow::Result<()> {
                 wait.map(Duration::from_secs),
             ))?;
             println!("{}", serde_json::to_string_pretty(&runs)?);
+            Ok(())
+        }
+        RunsCommand::Prune { older_than, db } => {
+            let cutoff = chrono::Utc::now()
+                - chrono::Duration::from_std(older_than).context("--older-than is too long")?;
+            let (runs, submissions) = Registry::new(&db.config())
+                .prune_all(cutoff, 1000)
+                .context("pruning runs")?;
+            println!("deleted {runs} run(s) and {submissions} submission(s) older than {cutoff}");
             Ok(())
         }
         RunsCommand::Retry { run, dead: _, db } => {

@@ -50,6 +50,9 @@ pub async fn run(
     let outbox = Outbox::new(registry.clone(), publisher);
     let (run_log, run_log_writer) = RunLog::start(registry.clone(), 100_000);
     let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
+    let pruner = config
+        .retain
+        .map(|retain| tokio::spawn(prune(registry.clone(), retain, relay_stopped.clone())));
     let relay = tokio::spawn(outbox.clone().relay(
         config.relay_interval,
         config.stale_after,
@@ -123,6 +126,9 @@ pub async fn run(
     // The service (and its run log sender) is gone: the writer flushes and ends.
     let _ = stop_relay.send(true);
     let _ = relay.await;
+    if let Some(pruner) = pruner {
+        let _ = pruner.await;
+    }
     if tokio::time::timeout(std::time::Duration::from_secs(10), run_log_writer)
         .await
         .is_err()
@@ -132,4 +138,40 @@ pub async fn run(
     plugins.shutdown();
     tracing::info!("daisy stopped");
     Ok(())
+}
+
+/// Deletes what is finished and older than `retain`, every ten minutes, in
+/// batches of 1,000 (a pause between them), until `stop`.
+async fn prune(registry: Registry, retain: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let retain = chrono::Duration::from_std(retain).unwrap_or(chrono::Duration::MAX);
+    while !*stop.borrow() {
+        loop {
+            let cutoff = chrono::Utc::now()
+                .checked_sub_signed(retain)
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+            let registry = registry.clone();
+            match tokio::task::spawn_blocking(move || registry.prune(cutoff, 1000)).await {
+                Ok(Ok((0, 0))) => break,
+                Ok(Ok((runs, submissions))) => {
+                    tracing::info!(runs, submissions, "retention: deleted finished runs");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "retention: pruning failed; trying again later");
+                    break;
+                }
+                Err(join) => {
+                    tracing::error!(error = %join, "retention: pruning panicked");
+                    break;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = stop.changed() => {}
+        }
+    }
 }

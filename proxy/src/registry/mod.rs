@@ -4,6 +4,7 @@
 //! used by the server and the CLI, and the blocking LISTEN loop that reports
 //! changes to a form's tasks (see `migrations/` for the trigger).
 
+mod retention;
 mod runs;
 mod schema;
 

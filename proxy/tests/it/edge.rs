@@ -384,3 +384,82 @@ async fn the_form_cache_stays_bounded_under_100_000_random_form_ids() {
         "the flood pushed a real form out"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_deletes_old_finished_runs_and_never_pending_ones() {
+    let db = TestDb::new();
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "later", "config", json!({}), 5));
+    let registry = db.registry();
+    let subs: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let requests: Vec<Acceptance> = subs
+        .iter()
+        .map(|&submission| Acceptance {
+            form,
+            submission,
+            payload: json!({}),
+            tasks: vec![task.clone()],
+        })
+        .collect();
+    registry
+        .accept(&requests, Duration::ZERO)
+        .expect("accepted");
+    // 0: succeeded, 1: dead, 2: retrying, all 40 days old; 3: succeeded today.
+    for (i, state) in ["succeeded", "dead", "retrying", "succeeded"]
+        .iter()
+        .enumerate()
+    {
+        let age = if i == 3 { "0 days" } else { "40 days" };
+        let sub = subs[i];
+        db.execute(&format!(
+            "UPDATE task_runs SET state = '{state}', created_at = now() - interval '{age}' WHERE submission_id = '{sub}'"
+        ));
+        db.execute(&format!(
+            "UPDATE submissions SET created_at = now() - interval '{age}' WHERE id = '{sub}'"
+        ));
+        db.execute(&format!(
+            "INSERT INTO task_run_attempts (run_id, attempt, worker, started_at, finished_at, outcome) \
+             SELECT id, 1, 'w', now(), now(), '{state}' FROM task_runs WHERE submission_id = '{sub}'"
+        ));
+    }
+    let out = std::process::Command::new(test_support::daisy_bin())
+        .args(["runs", "prune", "--older-than", "30d"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("daisy runs prune");
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("deleted 2 run(s) and 2 submission(s)"),
+        "{said}"
+    );
+    let left: Vec<usize> = subs
+        .iter()
+        .map(|&s| registry.runs_for_submission(s).expect("runs").len())
+        .collect();
+    assert_eq!(left, vec![0, 0, 1, 1]);
+    let count = |sql: &str| {
+        use diesel::{Connection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = diesel::PgConnection::establish(&db.url).expect("connect");
+        diesel::sql_query(sql)
+            .get_result::<N>(&mut conn)
+            .expect("count")
+            .n
+    };
+    assert_eq!(count("SELECT count(*) AS n FROM task_run_attempts"), 2);
+    assert_eq!(count("SELECT count(*) AS n FROM submissions"), 2);
+    // Nothing more to do the second time.
+    let again = std::process::Command::new(test_support::daisy_bin())
+        .args(["runs", "prune", "--older-than", "30d"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("daisy runs prune");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("deleted 0 run(s) and 0 submission(s)")
+    );
+}

@@ -160,6 +160,7 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
         relay_interval: Duration::from_millis(200),
         stale_after: Duration::from_secs(900),
         sync_run_log: proxy::SyncRunLog::All,
+        retain: None,
     }
 }
 
