@@ -36,6 +36,9 @@ test: ## run the whole test suite against the real PostgreSQL
 	$(MAKE) --no-print-directory fixtures
 	$(CARGO) test --workspace
 
+fuzz: ## the fuzz test against a real daisy serve for 10 minutes (CI runs it for 60 s in make test)
+	DAISY_FUZZ_SECS=$${DAISY_FUZZ_SECS:-600} $(CARGO) test -p proxy --test it fuzz -- --nocapture
+
 bench: ## release build, every load scenario and the micro-benchmarks; writes target/bench/
 	$(CARGO) build --release --workspace
 	target/release/daisy-bench

@@ -8,6 +8,7 @@ mod cli;
 mod database;
 mod edge;
 mod faults;
+mod fuzz;
 mod hosts;
 mod hot_reload;
 mod process;
