@@ -7,7 +7,7 @@ CARGO ?= cargo
 PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
 DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
 
-.PHONY: help build plugins fixtures migrate serve demo test lint check-schema bench bench-quick ci
+.PHONY: help build plugins fixtures migrate serve demo test fuzz lint check-schema bench bench-quick ci
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
