@@ -17,6 +17,9 @@ use crate::{
     registry::{Change, Registry},
 };
 
+/// The run log's backlog while the database is away (see [`RunLog`]).
+const RUN_LOG_BACKLOG_BYTES: usize = 64 << 20;
+
 /// Calls one connection may have open at once.
 const MAX_STREAMS: u32 = 1024;
 /// The longest a call may take before the server answers it with
@@ -48,7 +51,7 @@ pub async fn run(
     let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks);
     let publisher = Arc::new(Publisher::new(config.queue.clone()));
     let outbox = Outbox::new(registry.clone(), publisher);
-    let (run_log, run_log_writer) = RunLog::start(registry.clone(), 100_000);
+    let (run_log, run_log_writer) = RunLog::start(registry.clone(), RUN_LOG_BACKLOG_BYTES);
     let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
     let pruner = config
         .retain

@@ -103,14 +103,40 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let claims = db_batcher(&registry, &stop_rx, "claim", |r, requests| {
-        r.claim(requests)
-    });
+    // A claim the database refuses is answered "nothing to claim": the
+    // message is acked, and the run (still queued) is logged above.
+    let claims = db_batcher(
+        &registry,
+        &stop_rx,
+        "claim",
+        |r, requests| r.claim(requests),
+        |_, _, _| None,
+    );
     let worker = config.name.clone();
-    let finishes = db_batcher(&registry, &stop_rx, "finish", move |r, finished| {
-        r.finish(&worker, finished)
-            .map(|()| vec![(); finished.len()])
-    });
+    let fallback_worker = worker.clone();
+    // An outcome the database refuses (an output it cannot store, say) is
+    // stored as a dead run saying so; the message is acked either way.
+    let finishes = db_batcher(
+        &registry,
+        &stop_rx,
+        "finish",
+        move |r, finished| {
+            r.finish(&worker, finished)
+                .map(|()| vec![(); finished.len()])
+        },
+        move |r, (claimed, _), err| {
+            let why =
+                std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
+            let dead = Finish::Dead {
+                error: format!(
+                    "the task's outcome could not be stored: the database refused it ({why})"
+                ),
+            };
+            if let Err(err) = r.finish(&fallback_worker, &[(claimed.clone(), dead)]) {
+                tracing::error!(run.id = %claimed.run_id, error = %err, "storing that an outcome could not be stored failed too");
+            }
+        },
+    );
     let ctx = Arc::new(Context {
         registry,
         executing: Arc::new(tokio::sync::Semaphore::new(
@@ -154,45 +180,123 @@ pub async fn run(
 }
 
 /// Writes concurrent deliveries' requests in batches of up to [`BATCH`] with
-/// `op` (one answer per request), two batches at a time, each retried with
-/// [`with_db`]; on shutdown the batch goes unanswered.
+/// `op` (one answer per request), two batches at a time. Transient failures
+/// are retried with [`with_db`]; any other failure splits the batch until the
+/// request at fault stands alone, which is answered by `refused` instead, so
+/// one bad request never holds up (or retries forever) the others. On
+/// shutdown the batch goes unanswered.
 fn db_batcher<Req, Resp>(
     registry: &Registry,
     shutdown: &watch::Receiver<bool>,
     what: &'static str,
     op: impl Fn(&Registry, &[Req]) -> Result<Vec<Resp>, RegistryError> + Send + Sync + 'static,
+    refused: impl Fn(&Registry, &Req, RegistryError) -> Resp + Send + Sync + 'static,
 ) -> Batcher<Req, Resp>
 where
     Req: Send + Sync + 'static,
     Resp: Send + 'static,
 {
-    let (registry, shutdown, op) = (registry.clone(), shutdown.clone(), Arc::new(op));
+    let (registry, shutdown) = (registry.clone(), shutdown.clone());
+    let (op, refused) = (Arc::new(op), Arc::new(refused));
     Batcher::start(2, BATCH, move |requests: Vec<Req>| {
-        let (registry, shutdown, op) = (registry.clone(), shutdown.clone(), op.clone());
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        let (op, refused) = (op.clone(), refused.clone());
         let requests = Arc::new(requests);
         async move {
-            with_db(&registry, &shutdown, what, move |r| op(r, &requests))
+            let all = 0..requests.len();
+            write_split(&registry, &shutdown, what, &op, &refused, &requests, all)
                 .await
                 .unwrap_or_default()
         }
     })
 }
 
-/// Retries a registry operation with backoff until it succeeds; `None` if
-/// the worker is shutting down meanwhile.
+/// Answers `requests[range]`, splitting on deterministic failures; `None`
+/// on shutdown.
+fn write_split<'a, Req, Resp, Op, Refuse>(
+    registry: &'a Registry,
+    shutdown: &'a watch::Receiver<bool>,
+    what: &'static str,
+    op: &'a Arc<Op>,
+    refused: &'a Arc<Refuse>,
+    requests: &'a Arc<Vec<Req>>,
+    range: std::ops::Range<usize>,
+) -> std::pin::Pin<Box<dyn Future<Output = Option<Vec<Resp>>> + Send + 'a>>
+where
+    Req: Send + Sync + 'static,
+    Resp: Send + 'static,
+    Op: Fn(&Registry, &[Req]) -> Result<Vec<Resp>, RegistryError> + Send + Sync + 'static,
+    Refuse: Fn(&Registry, &Req, RegistryError) -> Resp + Send + Sync + 'static,
+{
+    Box::pin(async move {
+        let (batch_op, batch, part) = (op.clone(), requests.clone(), range.clone());
+        match with_db(registry, shutdown, what, move |r| {
+            batch_op(r, &batch[part.clone()])
+        })
+        .await?
+        {
+            Ok(answers) => Some(answers),
+            Err(err) if range.len() == 1 => {
+                let (refused, batch, at, registry) = (
+                    refused.clone(),
+                    requests.clone(),
+                    range.start,
+                    registry.clone(),
+                );
+                tracing::error!(error = %err, cause = ?std::error::Error::source(&err).map(|s| s.to_string()), operation = what, "the database refused one request of a batch");
+                tokio::task::spawn_blocking(move || vec![refused(&registry, &batch[at], err)])
+                    .await
+                    .ok()
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, operation = what, batch = range.len(), "a batch failed; splitting it to find the request at fault");
+                let middle = range.start + range.len() / 2;
+                let mut answers = write_split(
+                    registry,
+                    shutdown,
+                    what,
+                    op,
+                    refused,
+                    requests,
+                    range.start..middle,
+                )
+                .await?;
+                answers.extend(
+                    write_split(
+                        registry,
+                        shutdown,
+                        what,
+                        op,
+                        refused,
+                        requests,
+                        middle..range.end,
+                    )
+                    .await?,
+                );
+                Some(answers)
+            }
+        }
+    })
+}
+
+/// Runs a registry operation, retrying transient failures (the database
+/// away, a serialization conflict) with backoff until it succeeds; any
+/// other failure is returned at once, since it would happen again. `None`
+/// if the worker is shutting down meanwhile.
 async fn with_db<T: Send + 'static>(
     registry: &Registry,
     shutdown: &watch::Receiver<bool>,
     what: &'static str,
     op: impl Fn(&Registry) -> Result<T, RegistryError> + Send + Sync + 'static,
-) -> Option<T> {
+) -> Option<Result<T, RegistryError>> {
     let op = Arc::new(op);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let registry = registry.clone();
         let op = op.clone();
         match tokio::task::spawn_blocking(move || op(&registry)).await {
-            Ok(Ok(value)) => return Some(value),
+            Ok(Ok(value)) => return Some(Ok(value)),
+            Ok(Err(err)) if !err.is_transient() => return Some(Err(err)),
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, operation = what, "database operation failed; retrying");
             }
@@ -379,12 +483,18 @@ async fn handle_dead_letter(ctx: Arc<Context>, delivery: Delivery) {
         "delivery limit reached: the worker died {} times while running it (see the worker logs)",
         ctx.config.queue.delivery_limit
     );
-    let Some(result) = with_db(&ctx.registry, &ctx.shutdown, "dead letter", move |r| {
+    let result = match with_db(&ctx.registry, &ctx.shutdown, "dead letter", move |r| {
         r.dead_lettered(run_id, &reason)
     })
     .await
-    else {
-        return;
+    {
+        None => return,
+        Some(Ok(result)) => result,
+        Some(Err(err)) => {
+            tracing::error!(run.id = %run_id, error = %err, "recording a dead letter failed; dropping the message");
+            delivery.ack();
+            return;
+        }
     };
     match result {
         DeadLetter::MarkedDead => {

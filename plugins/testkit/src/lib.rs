@@ -375,7 +375,24 @@ impl Task for Env {
     }
 }
 
+/// Returns a string holding a NUL character, which PostgreSQL cannot store.
+pub struct Nul;
+
+impl Nul {
+    /// Takes no config.
+    pub fn new(_config: Value) -> Result<Self, TaskError> {
+        Ok(Nul)
+    }
+}
+
+impl Task for Nul {
+    fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+        Ok(json!({ "text": "x\u{0}y" }))
+    }
+}
+
 plugin_api::export_plugin!(
+    "nul" => Nul::new,
     "segfault" => Segfault::new,
     "exit" => Exit::new,
     "stack_overflow" => StackOverflow::new,

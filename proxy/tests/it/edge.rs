@@ -214,7 +214,7 @@ async fn one_submission_the_database_refuses_fails_alone_in_its_batch() {
 async fn a_run_log_record_the_database_refuses_is_dropped_and_the_log_moves_on() {
     let db = TestDb::new();
     let registry = db.registry();
-    let (run_log, _writer) = RunLog::start(registry.clone(), 1000);
+    let (run_log, _writer) = RunLog::start(registry.clone(), 1 << 20);
     let record = |submission: Uuid, output: Value| SyncRun {
         id: Uuid::new_v4(),
         submission_id: submission,
@@ -462,4 +462,64 @@ async fn pruning_deletes_old_finished_runs_and_never_pending_ones() {
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("deleted 0 run(s) and 0 submission(s)")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_log_backlog_is_bounded_in_bytes_while_the_database_is_away() {
+    // Nothing listens on port 1: every write fails, transiently.
+    let away = proxy::registry::Registry::new(&db_config("postgres://postgres@127.0.0.1:1/none"));
+    let (run_log, _writer) = RunLog::start(away, 64 * 1024);
+    let big = json!({"essay": "x".repeat(4000)});
+    for _ in 0..100 {
+        run_log.record(vec![SyncRun {
+            id: Uuid::new_v4(),
+            submission_id: Uuid::new_v4(),
+            form_id: Uuid::new_v4(),
+            task_id: Uuid::new_v4(),
+            task_name: "echo".into(),
+            state: "succeeded",
+            last_error: None,
+            output: Some(big.clone()),
+            started_at: chrono::Utc::now(),
+            finished_at: chrono::Utc::now(),
+        }]);
+    }
+    assert!(
+        run_log.backlog_bytes() <= 64 * 1024,
+        "{} bytes held",
+        run_log.backlog_bytes()
+    );
+    // About 15 records of 4 KiB fit; the rest were dropped and counted.
+    assert!(run_log.dropped() >= 80, "{} dropped", run_log.dropped());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_database_refuses_ends_dead_alone_and_its_batch_is_stored() {
+    let mut stack = test_support::Stack::start(&[("testkit", "testkit")], &[]).await;
+    let (bad, good) = (Uuid::new_v4(), Uuid::new_v4());
+    stack.attach(bad, "nul", "testkit", "nul", true, &json!({}));
+    stack.attach(
+        good,
+        "config",
+        "testkit",
+        "config",
+        true,
+        &json!({"ok": true}),
+    );
+    let (poison, _) = stack.process(bad, sample()).await;
+    let mut goods = Vec::new();
+    for i in 0..20 {
+        goods.push(stack.process(good, json!({"i": i})).await.0);
+    }
+    let runs = stack.settled(&poison, Duration::from_secs(30)).await;
+    assert_eq!(runs[0].state(), RunState::Dead, "{:?}", runs[0]);
+    assert!(
+        runs[0].last_error.contains("could not be stored"),
+        "{:?}",
+        runs[0]
+    );
+    for good in goods {
+        let runs = stack.settled(&good, Duration::from_secs(30)).await;
+        assert_eq!(runs[0].state(), RunState::Succeeded, "{:?}", runs[0]);
+    }
 }
