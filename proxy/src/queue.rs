@@ -174,6 +174,10 @@ struct ConfirmState {
     next_tag: u64,
     waiting: BTreeMap<u64, oneshot::Sender<bool>>,
     closed: bool,
+    /// Runs the broker returned as unroutable (publishes are `mandatory`).
+    /// RabbitMQ sends a message's return before its confirm, so a confirmed
+    /// run found here was not queued.
+    returned: std::collections::HashSet<Uuid>,
 }
 
 impl Confirms {
@@ -222,6 +226,25 @@ impl Confirms {
     fn is_closed(&self) -> bool {
         self.state.lock().expect("confirm lock poisoned").closed
     }
+
+    /// Notes a run the broker returned.
+    fn returned(&self, run: Uuid) {
+        let mut state = self.state.lock().expect("confirm lock poisoned");
+        // Bounded: returns whose publish already gave up are never taken.
+        if state.returned.len() >= 10_000 {
+            state.returned.clear();
+        }
+        state.returned.insert(run);
+    }
+
+    /// Whether the broker returned `run` (and forgets it).
+    fn take_returned(&self, run: Uuid) -> bool {
+        self.state
+            .lock()
+            .expect("confirm lock poisoned")
+            .returned
+            .remove(&run)
+    }
 }
 
 struct ChannelEvents(Arc<Confirms>);
@@ -260,10 +283,20 @@ impl ChannelCallback for ChannelEvents {
     async fn publish_return(
         &mut self,
         _channel: &Channel,
-        _ret: Return,
+        ret: Return,
         _basic_properties: BasicProperties,
-        _content: Vec<u8>,
+        content: Vec<u8>,
     ) {
+        match std::str::from_utf8(&content)
+            .ok()
+            .and_then(|s| Uuid::parse_str(s).ok())
+        {
+            Some(run) => {
+                tracing::error!(run.id = %run, reason = %ret, "RabbitMQ returned a run as unroutable: no queue is bound for it; it stays unpublished");
+                self.0.returned(run);
+            }
+            None => tracing::error!(reason = %ret, "RabbitMQ returned a message that is not a run"),
+        }
     }
 }
 
@@ -365,6 +398,7 @@ impl Publisher {
     /// are left for the relay. Never fails as a whole.
     pub async fn publish(&self, runs: &[Uuid]) -> Vec<Uuid> {
         let mut pending = Vec::with_capacity(runs.len());
+        let confirms;
         {
             let mut state = self.state.lock().await;
             let usable = state
@@ -390,6 +424,7 @@ impl Publisher {
                 }
             }
             let live = state.live.as_ref().expect("connected above");
+            confirms = live.confirms.clone();
             for &run in runs {
                 let Some(confirm) = live.confirms.register() else {
                     break;
@@ -400,7 +435,11 @@ impl Publisher {
                     .with_persistence(true)
                     .with_message_id(&run.to_string())
                     .with_content_type("text/plain");
-                let args = BasicPublishArguments::new(&self.config.exchange, &self.config.queue);
+                // Mandatory: a run no queue would take comes back (see
+                // `publish_return`) instead of being confirmed and lost.
+                let mut args =
+                    BasicPublishArguments::new(&self.config.exchange, &self.config.queue);
+                args.mandatory(true);
                 if let Err(err) = live.channel.basic_publish(props, body, args).await {
                     tracing::warn!(error = %err, "publishing to RabbitMQ failed");
                     live.confirms.fail_all();
@@ -413,6 +452,7 @@ impl Publisher {
         let mut confirmed = Vec::with_capacity(pending.len());
         for (run, confirm) in pending {
             match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(true)) if confirms.take_returned(run) => {}
                 Ok(Ok(true)) => confirmed.push(run),
                 Ok(Ok(false)) => tracing::warn!(run.id = %run, "RabbitMQ refused (nacked) a run"),
                 Ok(Err(_)) | Err(_) => {}

@@ -523,3 +523,32 @@ async fn an_outcome_the_database_refuses_ends_dead_alone_and_its_batch_is_stored
         assert_eq!(runs[0].state(), RunState::Succeeded, "{:?}", runs[0]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_run_is_not_taken_for_published() {
+    let queue = TestQueue::new();
+    let publisher = proxy::queue::Publisher::new(queue.config.clone());
+    let (routed, unroutable) = (Uuid::new_v4(), Uuid::new_v4());
+    assert_eq!(publisher.publish(&[routed]).await, vec![routed]);
+    // Take the queue away: the exchange has nowhere to route runs to.
+    {
+        use amqprs::{
+            channel::QueueDeleteArguments,
+            connection::{Connection, OpenConnectionArguments},
+        };
+        let mut args = OpenConnectionArguments::try_from(queue.names.url.as_str()).expect("URL");
+        args.virtual_host("/");
+        let connection = Connection::open(&args).await.expect("connect");
+        let channel = connection.open_channel(None).await.expect("channel");
+        channel
+            .queue_delete(QueueDeleteArguments::new(&queue.names.queue))
+            .await
+            .expect("delete");
+        let _ = channel.close().await;
+        let _ = connection.close().await;
+    }
+    assert!(
+        publisher.publish(&[unroutable]).await.is_empty(),
+        "an unroutable run was confirmed as published"
+    );
+}
