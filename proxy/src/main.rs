@@ -241,6 +241,11 @@ struct WorkerArgs {
     /// dead (its neighbours in those crashes are retried as usual).
     #[arg(long, env = "DAISY_MAX_CRASHES", default_value_t = 3)]
     max_crashes: u32,
+    /// Seconds a claimed run stays this worker's without an extension; the
+    /// worker extends the runs it executes every third of it, and the relay
+    /// re-queues a run whose lease expired.
+    #[arg(long, env = "DAISY_LEASE_SECS", default_value_t = 60)]
+    lease_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -513,6 +518,7 @@ fn try_main() -> anyhow::Result<()> {
                 retry_base: Duration::from_millis(args.retry_base_ms),
                 retry_max: Duration::from_millis(args.retry_max_ms),
                 max_crashes: args.max_crashes.max(1),
+                lease: Duration::from_secs(args.lease_secs.max(1)),
                 name: args.name.unwrap_or_else(|| {
                     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                     format!("{}-{}", host.trim(), std::process::id())

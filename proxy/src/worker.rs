@@ -51,6 +51,9 @@ pub struct WorkerConfig {
     pub name: String,
     /// Crashes of its plugin host a run may be in flight for before it is dead.
     pub max_crashes: u32,
+    /// How long a claim holds a run without being extended; the worker
+    /// extends the leases of the runs it executes every third of it.
+    pub lease: Duration,
 }
 
 /// Runs claimed or finished per database statement, at most.
@@ -72,6 +75,8 @@ struct Context {
     /// How many plugin-host crashes each run was in flight for (this
     /// worker's count; bounded, forgotten when the run finishes).
     crashes: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, u32>>,
+    /// The runs this worker executes (run, claim token), whose leases it extends.
+    held: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, uuid::Uuid>>,
     config: WorkerConfig,
     shutdown: watch::Receiver<bool>,
 }
@@ -103,13 +108,14 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let lease = config.lease;
     // A claim the database refuses is answered "nothing to claim": the
     // message is acked, and the run (still queued) is logged above.
     let claims = db_batcher(
         &registry,
         &stop_rx,
         "claim",
-        |r, requests| r.claim(requests),
+        move |r, requests| r.claim(requests, lease),
         |_, _, _| None,
     );
     let worker = config.name.clone();
@@ -147,10 +153,12 @@ pub async fn run(
         catalog,
         executor,
         crashes: std::sync::Mutex::default(),
+        held: std::sync::Mutex::default(),
         config: config.clone(),
         shutdown: stop_rx.clone(),
     });
     tracing::info!(worker = %config.name, queue = %config.queue.queue, "worker started");
+    let leases = tokio::spawn(keep_leases(ctx.clone(), stop_rx.clone()));
     let dead_letters = tokio::spawn({
         let ctx = ctx.clone();
         let stop = stop_rx.clone();
@@ -174,6 +182,7 @@ pub async fn run(
     )
     .await;
     let _ = dead_letters.await;
+    let _ = leases.await;
     plugins.shutdown();
     tracing::info!("worker stopped");
     Ok(())
@@ -345,9 +354,15 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
         delivery.ack();
         return;
     };
+    ctx.held
+        .lock()
+        .expect("held runs poisoned")
+        .insert(claimed.run_id, token);
     let finish = execute(&ctx, &claimed).await;
     let attempt = claimed.attempt;
-    if ctx.finishes.call((claimed, finish.clone())).await.is_none() {
+    let finished = ctx.finishes.call((claimed, finish.clone())).await;
+    ctx.held.lock().expect("held runs poisoned").remove(&run_id);
+    if finished.is_none() {
         return;
     }
     match &finish {
@@ -458,6 +473,37 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
             after: asked
                 .map_or(backoff, |asked| asked.max(backoff))
                 .min(ctx.config.retry_max),
+        }
+    }
+}
+
+/// Extends the leases of the runs this worker executes, every third of a
+/// lease, until shutdown. A failed extension is logged and tried at the next
+/// tick; leases are long enough to survive a few.
+async fn keep_leases(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    let every = (ctx.config.lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let held: Vec<(uuid::Uuid, uuid::Uuid)> = ctx
+            .held
+            .lock()
+            .expect("held runs poisoned")
+            .iter()
+            .map(|(run, token)| (*run, *token))
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        let (registry, lease) = (ctx.registry.clone(), ctx.config.lease);
+        match tokio::task::spawn_blocking(move || registry.extend_leases(&held, lease)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "extending run leases failed; retrying at the next tick")
+            }
+            Err(join) => tracing::error!(error = %join, "extending run leases panicked"),
         }
     }
 }

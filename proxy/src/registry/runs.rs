@@ -451,10 +451,11 @@ impl Registry {
         })
     }
 
-    /// Hands back to the relay asynchronous runs that went quiet for longer
-    /// than `stale`: published but never picked up (the message was lost, say
-    /// a purged queue), or claimed by a worker that never reported back.
-    /// `stale` must exceed the longest task timeout. Returns how many.
+    /// Hands back to the relay asynchronous runs that went quiet: published
+    /// more than `stale` ago but never picked up (the message was lost, say a
+    /// purged queue), or claimed by a worker whose lease expired (it stopped
+    /// extending it). A run that executes for long keeps its lease extended,
+    /// so task timeouts need not stay below `stale`. Returns how many.
     pub fn requeue_stale(&self, stale: Duration) -> Result<usize, RegistryError> {
         let mut conn = self.conn()?;
         let cutoff = Utc::now() - chrono::Duration::from_std(stale).unwrap_or_default();
@@ -470,11 +471,20 @@ impl Registry {
             task_runs::updated_at.eq(diesel::dsl::now),
         ))
         .execute(&mut conn)?;
+        // A running run is orphaned once its lease expired: its worker
+        // stopped extending it (it died, or lost the database). Runs claimed
+        // without a lease fall back to `stale` since they started.
         let orphaned = diesel::update(
             task_runs::table
                 .filter(task_runs::is_async.eq(true))
                 .filter(task_runs::state.eq("running"))
-                .filter(task_runs::started_at.lt(cutoff)),
+                .filter(
+                    task_runs::lease_until
+                        .lt(diesel::dsl::now)
+                        .or(task_runs::lease_until
+                            .is_null()
+                            .and(task_runs::started_at.lt(cutoff))),
+                ),
         )
         .set((
             task_runs::state.eq("retrying"),
@@ -539,8 +549,12 @@ impl Registry {
     /// already ours and takes it again without counting another attempt.
     /// Returns one answer per request, in order; `None` means another
     /// delivery already handled the run (or holds it).
-    pub fn claim(&self, requests: &[ClaimRequest]) -> Result<Vec<Option<Claimed>>, RegistryError> {
-        use diesel::sql_types::{Array, Bool, Uuid as SqlUuid};
+    pub fn claim(
+        &self,
+        requests: &[ClaimRequest],
+        lease: Duration,
+    ) -> Result<Vec<Option<Claimed>>, RegistryError> {
+        use diesel::sql_types::{Array, Bool, Double, Uuid as SqlUuid};
         if requests.is_empty() {
             return Ok(Vec::new());
         }
@@ -550,7 +564,8 @@ impl Registry {
                  state = 'running', \
                  attempts = CASE WHEN t.claim_token IS NOT DISTINCT FROM i.token \
                             THEN t.attempts ELSE t.attempts + 1 END, \
-                 claim_token = i.token, started_at = now(), updated_at = now() \
+                 claim_token = i.token, started_at = now(), updated_at = now(), \
+                 lease_until = now() + make_interval(secs => $4) \
              FROM unnest($1, $2, $3) AS i(id, redelivered, token), submissions s \
              WHERE t.id = i.id AND s.id = t.submission_id \
                AND (t.state = 'queued' \
@@ -562,6 +577,7 @@ impl Registry {
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.run).collect::<Vec<_>>())
         .bind::<Array<Bool>, _>(requests.iter().map(|r| r.redelivered).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.token).collect::<Vec<_>>())
+        .bind::<Double, _>(lease.as_secs_f64())
         .load(&mut conn)?;
         let mut by_token: std::collections::HashMap<Uuid, ClaimedRow> =
             rows.into_iter().map(|row| (row.token, row)).collect();
@@ -580,6 +596,29 @@ impl Registry {
                 })
             })
             .collect())
+    }
+
+    /// Extends the leases of runs a worker is executing (those still
+    /// `running` under its claims) to `lease` from now.
+    pub fn extend_leases(
+        &self,
+        held: &[(Uuid, Uuid)],
+        lease: Duration,
+    ) -> Result<usize, RegistryError> {
+        use diesel::sql_types::{Array, Double, Uuid as SqlUuid};
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn()?;
+        Ok(diesel::sql_query(
+            "UPDATE task_runs t SET lease_until = now() + make_interval(secs => $3) \
+             FROM unnest($1, $2) AS h(id, token) \
+             WHERE t.id = h.id AND t.claim_token = h.token AND t.state = 'running'",
+        )
+        .bind::<Array<SqlUuid>, _>(held.iter().map(|(run, _)| *run).collect::<Vec<_>>())
+        .bind::<Array<SqlUuid>, _>(held.iter().map(|(_, token)| *token).collect::<Vec<_>>())
+        .bind::<Double, _>(lease.as_secs_f64())
+        .execute(&mut conn)?)
     }
 
     /// Stores how each execution ended, if the run is still that execution's

@@ -52,6 +52,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         claim_token -> Nullable<Uuid>,
+        lease_until -> Nullable<Timestamptz>,
     }
 }
 

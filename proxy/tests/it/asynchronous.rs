@@ -863,11 +863,14 @@ fn claim_one(
     token: Uuid,
 ) -> Option<proxy::registry::Claimed> {
     let mut claimed = registry
-        .claim(&[ClaimRequest {
-            run,
-            redelivered,
-            token,
-        }])
+        .claim(
+            &[ClaimRequest {
+                run,
+                redelivered,
+                token,
+            }],
+            Duration::from_secs(60),
+        )
         .expect("claim");
     assert_eq!(claimed.len(), 1, "one answer per request");
     claimed.pop().expect("one answer")
@@ -913,7 +916,9 @@ async fn claims_and_outcomes_are_stored_in_batches_with_one_answer_per_delivery(
         request(runs[2], tokens[3]),
         request(runs[3], tokens[4]),
     ];
-    let claimed = registry.claim(&batch).expect("claim");
+    let claimed = registry
+        .claim(&batch, Duration::from_secs(60))
+        .expect("claim");
     assert_eq!(claimed.len(), 5, "one answer per request, in order");
     let first = claimed[0].clone().expect("runs[0] claimed");
     assert_eq!((first.run_id, first.attempt), (runs[0], 1));

@@ -305,11 +305,14 @@ async fn a_duplicate_message_respects_backoff_and_a_late_publish_mark_hides_no_r
     let run = accepted[0].as_ref().expect("no conflict")[0].run_id;
     let claim = |token: Uuid| {
         registry
-            .claim(&[ClaimRequest {
-                run,
-                redelivered: false,
-                token,
-            }])
+            .claim(
+                &[ClaimRequest {
+                    run,
+                    redelivered: false,
+                    token,
+                }],
+                Duration::from_secs(60),
+            )
             .expect("claim")
             .pop()
             .expect("one answer")
@@ -550,5 +553,54 @@ async fn an_unroutable_run_is_not_taken_for_published() {
     assert!(
         publisher.publish(&[unroutable]).await.is_empty(),
         "an unroutable run was confirmed as published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_longer_than_the_stale_time_is_not_requeued_while_it_executes() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("testkit", "testkit");
+    let counter = std::env::temp_dir().join(format!("daisy-lease-{}", Uuid::new_v4().simple()));
+    let form = Uuid::new_v4();
+    db.attach_with(NewTask {
+        timeout_ms: 30_000,
+        ..async_task(
+            form,
+            "long",
+            "count",
+            json!({"path": counter.display().to_string(), "sleep_ms": 7000}),
+            5,
+        )
+    });
+    let queue = TestQueue::new();
+    // The sweep treats anything quiet for 2 s as stale; the worker's lease
+    // is 2 s too, extended while the 7 s run executes.
+    let server = TestServer::start_with(proxy::Config {
+        stale_after: Duration::from_secs(2),
+        ..server_config(&db.url, plugins.path(), queue.config.clone())
+    })
+    .await;
+    let _worker = queue.worker(&db.url, plugins.path(), None, &["--lease-secs", "2"]);
+    let mut client = server.client().await;
+    let request = request(form, sample());
+    client.process(request.clone()).await.expect("accepted");
+    let runs = wait_for_runs(
+        &mut client,
+        &request.submission_id,
+        Duration::from_secs(40),
+        |runs| {
+            runs.first()
+                .is_some_and(|r| r.state() == RunState::Succeeded)
+        },
+    )
+    .await;
+    assert_eq!(runs[0].attempts, 1, "{:?}", runs[0]);
+    let executions = std::fs::read_to_string(&counter).expect("counter");
+    let _ = std::fs::remove_file(&counter);
+    assert_eq!(
+        executions.lines().count(),
+        1,
+        "the run executed more than once"
     );
 }
