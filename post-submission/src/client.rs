@@ -74,6 +74,29 @@ impl DaisyClient {
         })
     }
 
+    /// A client balancing its calls across several Daisy servers (`daisy
+    /// serve` processes sharing one database and broker). A server that
+    /// stops answering is taken out of rotation until it comes back, so one
+    /// serve going down costs the calls in flight on it, which the resender
+    /// sends again.
+    pub fn connect_balanced(addrs: &[&str], deadline: Duration) -> Result<DaisyClient, DaisyError> {
+        let endpoints = addrs
+            .iter()
+            .map(|addr| {
+                Channel::from_shared((*addr).to_owned())
+                    .map(|endpoint| endpoint.connect_timeout(deadline))
+                    .map_err(|_| DaisyError::Address((*addr).to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(DaisyError::Address(String::new()));
+        }
+        Ok(DaisyClient {
+            client: PostSubProxyClient::new(Channel::balance_list(endpoints.into_iter())),
+            deadline,
+        })
+    }
+
     /// The deadline the layer uses.
     pub fn deadline(&self) -> Duration {
         self.deadline

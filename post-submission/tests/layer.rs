@@ -367,3 +367,118 @@ async fn a_submission_daisy_refuses_is_rejected_and_blocks_none_behind_it() {
     assert_eq!(body["post_submission"]["status"], "rejected", "{body}");
     assert!(store.pending_ids().is_empty());
 }
+
+/// Two `daisy serve` processes and two workers on one database and broker;
+/// the client balances across both serves; one serve is SIGKILLed under load
+/// and restarted. Every accepted submission ends with its asynchronous run
+/// SUCCEEDED, executed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_killed_under_load_beside_another_loses_and_repeats_nothing() {
+    const SUBMISSIONS: usize = 800;
+    let (db, plugins, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
+    plugins.install("testkit", "testkit");
+    let counter =
+        std::env::temp_dir().join(format!("daisy-two-serves-{}", Uuid::new_v4().simple()));
+    let form = Uuid::new_v4();
+    db.execute(&format!(
+        "INSERT INTO tasks (id, form_id, name, module, func, async_status, config) VALUES \
+         (gen_random_uuid(), '{form}', 'check', 'testkit', 'echo', false, '{{}}'), \
+         (gen_random_uuid(), '{form}', 'receipt', 'testkit', 'count', true, '{{\"path\": \"{}\"}}')",
+        counter.display()
+    ));
+    let (addr_a, addr_b) = (free_port(), free_port());
+    let serve = |addr| Daisy::serve_at(addr, &db.url, plugins.path(), &queue, &queue.url);
+    let mut serve_a = serve(addr_a);
+    let _serve_b = serve(addr_b);
+    let _workers = [
+        Daisy::worker(&db.url, plugins.path(), &queue, &queue.url, &[]),
+        Daisy::worker(&db.url, plugins.path(), &queue, &queue.url, &[]),
+    ];
+    wait_until_served(addr_a).await;
+    wait_until_served(addr_b).await;
+    let client = DaisyClient::connect_balanced(
+        &[&format!("http://{addr_a}"), &format!("http://{addr_b}")],
+        Duration::from_secs(2),
+    )
+    .expect("client");
+    let store = MemStore::default();
+    let daisy = PostSubmission::new(client, store.clone());
+    let resender = daisy.spawn_resender(Resend {
+        grace: Duration::from_millis(500),
+        interval: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(2),
+        ..Resend::default()
+    });
+    let app = app(daisy.clone(), store.clone());
+
+    let started = Instant::now();
+    let submitters: Vec<_> = (0..8)
+        .map(|k| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let (mut ids, mut pending) = (Vec::new(), 0);
+                for i in 0..SUBMISSIONS / 8 {
+                    let (status, body) =
+                        call(&app, form, json!({"name": format!("n{k}-{i}")})).await;
+                    assert_eq!(status, StatusCode::CREATED, "{body}");
+                    ids.push(body["id"].as_str().expect("id").to_owned());
+                    if body["post_submission"]["status"] == "pending" {
+                        pending += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (ids, pending)
+            })
+        })
+        .collect();
+    // Under load: serve A dies, and comes back two seconds later.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    serve_a.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _serve_a = serve(addr_a);
+    let (mut ids, mut answered_pending) = (Vec::new(), 0);
+    for submitter in submitters {
+        let (some, pending) = submitter.await.expect("submitter");
+        ids.extend(some);
+        answered_pending += pending;
+    }
+    // Whatever was pending is re-sent until Daisy has it all.
+    while !store.pending_ids().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{} still pending",
+            store.pending_ids().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    resender.abort();
+    let mut client =
+        proto::v1::post_sub_proxy_client::PostSubProxyClient::connect(format!("http://{addr_b}"))
+            .await
+            .expect("connect");
+    for id in &ids {
+        test_support::wait_for_runs(&mut client, id, Duration::from_secs(60), |runs| {
+            runs.iter().any(|r| r.is_async)
+                && runs
+                    .iter()
+                    .all(|r| r.state() == proto::v1::RunState::Succeeded)
+        })
+        .await;
+    }
+    let drained = started.elapsed();
+    let executions = std::fs::read_to_string(&counter).expect("counter");
+    let _ = std::fs::remove_file(&counter);
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for line in executions.lines() {
+        *seen.entry(line).or_default() += 1;
+    }
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "two serves, one killed: {} submissions accepted ({answered_pending} answered pending, completed by the resender), {} runs executed, {twice} more than once, all succeeded after {drained:?}",
+        ids.len(),
+        seen.len()
+    );
+    assert_eq!(ids.len(), SUBMISSIONS);
+    assert_eq!(seen.len(), SUBMISSIONS, "a run never executed");
+    assert_eq!(twice, 0, "runs executed more than once");
+}
