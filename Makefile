@@ -7,7 +7,7 @@ CARGO ?= cargo
 PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
 DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
 
-.PHONY: help build plugins fixtures migrate serve demo test fuzz lint check-schema bench bench-quick ci
+.PHONY: help build plugins fixtures migrate serve demo test fuzz soak lint check-schema bench bench-quick ci
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test: ## run the whole test suite against the real PostgreSQL
 
 fuzz: ## the fuzz test against a real daisy serve for 10 minutes (CI runs it for 60 s in make test)
 	DAISY_FUZZ_SECS=$${DAISY_FUZZ_SECS:-600} $(CARGO) test -p proxy --test it fuzz -- --nocapture
+
+soak: ## DAISY_SOAK_SECS (600) of load with random faults (broker, database, worker, serve, crashing plugins), then a report
+	DAISY_SOAK_SECS=$${DAISY_SOAK_SECS:-600} $(CARGO) test -p post-submission --test layer soak -- --ignored --nocapture
 
 bench: ## release build, every load scenario and the micro-benchmarks; writes target/bench/
 	$(CARGO) build --release --workspace

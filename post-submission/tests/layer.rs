@@ -482,3 +482,190 @@ async fn a_serve_killed_under_load_beside_another_loses_and_repeats_nothing() {
     assert_eq!(seen.len(), SUBMISSIONS, "a run never executed");
     assert_eq!(twice, 0, "runs executed more than once");
 }
+
+/// `make soak` (not in CI): `DAISY_SOAK_SECS` (600) seconds of submissions
+/// through the layer to two serves and two workers, while faults strike at
+/// random every few seconds: the broker cut off, the database cut off, a
+/// worker SIGKILLed, a serve SIGKILLed (each restored or restarted after a
+/// few seconds); a form whose asynchronous task crashes its plugin host is
+/// part of the load. Then a report: submissions accepted, runs succeeded,
+/// dead (with reasons), executed more than once (must be 0), stuck (must
+/// be 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes long: make soak"]
+async fn soak() {
+    use test_support::Relay;
+    let length = Duration::from_secs(
+        std::env::var("DAISY_SOAK_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(600),
+    );
+    let (db, plugins, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
+    plugins.install("testkit", "testkit");
+    let counter = std::env::temp_dir().join(format!("daisy-soak-{}", Uuid::new_v4().simple()));
+    let (form, crashy) = (Uuid::new_v4(), Uuid::new_v4());
+    db.execute(&format!(
+        "INSERT INTO tasks (id, form_id, name, module, func, async_status, config, max_attempts) VALUES \
+         (gen_random_uuid(), '{form}', 'check', 'testkit', 'echo', false, '{{}}', 5), \
+         (gen_random_uuid(), '{form}', 'receipt', 'testkit', 'count', true, '{{\"path\": \"{}\"}}', 10), \
+         (gen_random_uuid(), '{crashy}', 'crash', 'testkit', 'segfault', true, '{{}}', 5)",
+        counter.display()
+    ));
+    let db_relay = Relay::start(test_support::postgres_addr()).await;
+    let amqp_relay = Relay::start(test_support::amqp_addr()).await;
+    let db_url = test_support::with_port(&db.url, db_relay.addr);
+    let amqp_url = queue.url_via(amqp_relay.addr);
+    let (addr_a, addr_b) = (free_port(), free_port());
+    let serve = |addr| Daisy::serve_at(addr, &db_url, plugins.path(), &queue, &amqp_url);
+    let worker = || Daisy::worker(&db_url, plugins.path(), &queue, &amqp_url, &[]);
+    let mut serves = [serve(addr_a), serve(addr_b)];
+    let mut workers = [worker(), worker()];
+    wait_until_served(addr_a).await;
+    wait_until_served(addr_b).await;
+    let client = DaisyClient::connect_balanced(
+        &[&format!("http://{addr_a}"), &format!("http://{addr_b}")],
+        Duration::from_secs(2),
+    )
+    .expect("client");
+    let store = MemStore::default();
+    let daisy = PostSubmission::new(client, store.clone());
+    let resender = daisy.spawn_resender(Resend {
+        grace: Duration::from_secs(1),
+        interval: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(5),
+        ..Resend::default()
+    });
+    let app = app(daisy.clone(), store.clone());
+    let started = Instant::now();
+    let submitters: Vec<_> = (0..4)
+        .map(|k| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                let mut i = 0;
+                while started.elapsed() < length {
+                    let target = if i % 50 == 49 { crashy } else { form };
+                    let (status, body) =
+                        call(&app, target, json!({"name": format!("n{k}-{i}")})).await;
+                    assert_eq!(status, StatusCode::CREATED, "{body}");
+                    ids.push((target, body["id"].as_str().expect("id").to_owned()));
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut faults = std::collections::BTreeMap::<&str, usize>::new();
+    while started.elapsed() < length {
+        tokio::time::sleep(Duration::from_millis(3000 + fastrand::u64(..4000))).await;
+        let fault = [
+            "broker cut",
+            "database cut",
+            "worker killed",
+            "serve killed",
+        ][fastrand::usize(..4)];
+        *faults.entry(fault).or_default() += 1;
+        match fault {
+            "broker cut" => {
+                amqp_relay.cut();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                amqp_relay.restore();
+            }
+            "database cut" => {
+                db_relay.cut();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                db_relay.restore();
+            }
+            "worker killed" => {
+                let n = fastrand::usize(..2);
+                workers[n].kill();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                workers[n] = worker();
+            }
+            _ => {
+                let n = fastrand::usize(..2);
+                serves[n].kill();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                serves[n] = serve([addr_a, addr_b][n]);
+            }
+        }
+    }
+    let mut ids = Vec::new();
+    for submitter in submitters {
+        ids.extend(submitter.await.expect("submitter"));
+    }
+    let settle = Instant::now();
+    while !store.pending_ids().is_empty() && settle.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    resender.abort();
+    let pending_left = store.pending_ids().len();
+    // Every run settles (succeeded or dead) within two minutes.
+    let mut client =
+        proto::v1::post_sub_proxy_client::PostSubProxyClient::connect(format!("http://{addr_b}"))
+            .await
+            .expect("connect");
+    let (mut succeeded, mut stuck) = (0, 0);
+    let mut dead = std::collections::BTreeMap::<String, usize>::new();
+    for (_, id) in &ids {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let runs = loop {
+            let runs = client
+                .get_runs(proto::v1::GetRunsRequest {
+                    submission_id: id.clone(),
+                })
+                .await
+                .map(|r| r.into_inner().runs)
+                .unwrap_or_default();
+            let settled = runs.iter().any(|r| r.is_async)
+                && runs.iter().filter(|r| r.is_async).all(|r| {
+                    matches!(
+                        r.state(),
+                        proto::v1::RunState::Succeeded | proto::v1::RunState::Dead
+                    )
+                });
+            if settled || Instant::now() > deadline {
+                break (settled, runs);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        match runs {
+            (false, _) => stuck += 1,
+            (true, runs) => {
+                for run in runs.iter().filter(|r| r.is_async) {
+                    if run.state() == proto::v1::RunState::Succeeded {
+                        succeeded += 1;
+                    } else {
+                        let reason: String = run.last_error.chars().take(60).collect();
+                        *dead.entry(reason).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    let executions = std::fs::read_to_string(&counter).unwrap_or_default();
+    let _ = std::fs::remove_file(&counter);
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for line in executions.lines() {
+        *seen.entry(line).or_default() += 1;
+    }
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    eprintln!("\nsoak report ({:?} of load, faults {faults:?})", length);
+    eprintln!("  submissions accepted:        {}", ids.len());
+    eprintln!("  left pending in the backend: {pending_left}");
+    eprintln!("  async runs succeeded:        {succeeded}");
+    eprintln!(
+        "  async runs dead:             {}",
+        dead.values().sum::<usize>()
+    );
+    for (reason, n) in &dead {
+        eprintln!("    {n:>6}  {reason}");
+    }
+    eprintln!("  executed more than once:     {twice}");
+    eprintln!("  stuck:                       {stuck}");
+    assert_eq!(pending_left, 0);
+    assert_eq!(twice, 0, "runs executed more than once");
+    assert_eq!(stuck, 0, "runs never settled");
+}
