@@ -260,28 +260,12 @@ where
             Err(err) => {
                 tracing::warn!(error = %err, operation = what, batch = range.len(), "a batch failed; splitting it to find the request at fault");
                 let middle = range.start + range.len() / 2;
-                let mut answers = write_split(
-                    registry,
-                    shutdown,
-                    what,
-                    op,
-                    refused,
-                    requests,
-                    range.start..middle,
-                )
-                .await?;
-                answers.extend(
-                    write_split(
-                        registry,
-                        shutdown,
-                        what,
-                        op,
-                        refused,
-                        requests,
-                        middle..range.end,
-                    )
-                    .await?,
-                );
+                let mut answers = Vec::with_capacity(range.len());
+                for part in [range.start..middle, middle..range.end] {
+                    answers.extend(
+                        write_split(registry, shutdown, what, op, refused, requests, part).await?,
+                    );
+                }
                 Some(answers)
             }
         }

@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use crate::util::*;
 
-fn async_task(
+/// An asynchronous testkit task with defaults for everything but what matters.
+pub(crate) fn async_task(
     form: Uuid,
     name: &str,
     func: &str,

@@ -12,22 +12,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::util::*;
-
-fn async_task(form: Uuid, name: &str, func: &str, config: Value, max_attempts: i32) -> NewTask {
-    NewTask {
-        form_id: form,
-        name: name.into(),
-        module: "testkit".into(),
-        func: func.into(),
-        is_async: true,
-        config,
-        enabled: true,
-        timeout_ms: 5_000,
-        max_attempts,
-        isolation: None,
-    }
-}
+use crate::{asynchronous::async_task, util::*};
 
 /// A submission nested `levels` deep.
 fn nested(levels: usize) -> Value {
