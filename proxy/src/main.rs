@@ -244,7 +244,7 @@ struct WorkerArgs {
     /// Seconds a claimed run stays this worker's without an extension; the
     /// worker extends the runs it executes every third of it, and the relay
     /// re-queues a run whose lease expired.
-    #[arg(long, env = "DAISY_LEASE_SECS", default_value_t = 60)]
+    #[arg(long, env = "DAISY_LEASE_SECS", default_value_t = 30)]
     lease_secs: u64,
 }
 

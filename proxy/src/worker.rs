@@ -330,13 +330,33 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
         redelivered,
         token,
     };
-    let Some(claimed) = ctx.claims.call(request).await else {
-        return; // shutting down: the broker redelivers
-    };
-    let Some(claimed) = claimed else {
-        tracing::debug!(run.id = %run_id, "already handled by another delivery");
-        delivery.ack();
-        return;
+    let claimed = loop {
+        let Some(claimed) = ctx.claims.call(request).await else {
+            return; // shutting down: the broker redelivers
+        };
+        if let Some(claimed) = claimed {
+            break claimed;
+        }
+        // A redelivered run may still be executing on a live worker (the
+        // broker requeued its message when a connection dropped): wait
+        // while its lease is alive, then take it over or find it finished.
+        let live = redelivered
+            && matches!(
+                with_db(&ctx.registry, &ctx.shutdown, "lease check", move |r| {
+                    r.held_by_live_lease(run_id)
+                })
+                .await,
+                Some(Ok(true))
+            );
+        if !live || *ctx.shutdown.borrow() {
+            tracing::debug!(run.id = %run_id, "already handled by another delivery");
+            delivery.ack();
+            return;
+        }
+        tokio::time::sleep(
+            (ctx.config.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        )
+        .await;
     };
     ctx.held
         .lock()

@@ -392,6 +392,8 @@ impl Daisy {
             .env("DAISY_QUEUE", &queue.queue)
             .env("DAISY_DELIVERY_LIMIT", queue.delivery_limit.to_string())
             .env("DAISY_DB_TIMEOUT_MS", "500")
+            // A killed worker's runs are taken over once their lease expires.
+            .env("DAISY_LEASE_SECS", "3")
             .env(
                 "RUST_LOG",
                 std::env::var("DAISY_TEST_LOG").unwrap_or_else(|_| "error".into()),

@@ -544,7 +544,9 @@ impl Registry {
     /// Claims runs for execution, one statement for the whole batch: only a
     /// queued run, a retrying one whose backoff has passed (a duplicate
     /// message does not skip it), or a running one whose message RabbitMQ
-    /// redelivered (its worker died). Each request's `token` identifies its
+    /// redelivered and whose lease expired (its worker died; a live lease
+    /// means its worker is still executing it, and a broker blip requeued
+    /// the message). Each request's `token` identifies its
     /// delivery: retrying a claim after an ambiguous commit finds the claim
     /// already ours and takes it again without counting another attempt.
     /// Returns one answer per request, in order; `None` means another
@@ -570,7 +572,8 @@ impl Registry {
              WHERE t.id = i.id AND s.id = t.submission_id \
                AND (t.state = 'queued' \
                     OR (t.state = 'retrying' AND t.next_attempt_at <= now()) \
-                    OR (t.state = 'running' AND (i.redelivered OR t.claim_token = i.token))) \
+                    OR (t.state = 'running' AND (t.claim_token = i.token \
+                        OR (i.redelivered AND (t.lease_until IS NULL OR t.lease_until < now()))))) \
              RETURNING i.token, t.id AS run_id, t.task_id, t.form_id, t.submission_id, \
                        s.payload, t.attempts, t.max_attempts, t.started_at",
         )
@@ -596,6 +599,19 @@ impl Registry {
                 })
             })
             .collect())
+    }
+
+    /// Whether `run` is executing under a live lease (its worker is still
+    /// extending it).
+    pub fn held_by_live_lease(&self, run: Uuid) -> Result<bool, RegistryError> {
+        let mut conn = self.conn()?;
+        let lease: Option<Option<DateTime<Utc>>> = task_runs::table
+            .find(run)
+            .filter(task_runs::state.eq("running"))
+            .select(task_runs::lease_until)
+            .first(&mut conn)
+            .optional()?;
+        Ok(lease.flatten().is_some_and(|until| until > Utc::now()))
     }
 
     /// Extends the leases of runs a worker is executing (those still

@@ -853,6 +853,16 @@ async fn a_claim_retried_after_a_lost_answer_is_still_ours() {
         claim_one(&registry, run, false, Uuid::new_v4()).is_none(),
         "a duplicate message finds nothing"
     );
+    // A redelivery (the broker requeued the message) waits while the
+    // holder's lease is alive, and takes over once it expired.
+    assert!(
+        claim_one(&registry, run, true, Uuid::new_v4()).is_none(),
+        "a redelivery took over a run its worker still holds"
+    );
+    assert!(registry.held_by_live_lease(run).expect("lease"));
+    db.execute(&format!(
+        "UPDATE task_runs SET lease_until = now() - interval '1 second' WHERE id = '{run}'"
+    ));
     let taken = claim_one(&registry, run, true, Uuid::new_v4()).expect("a redelivery takes over");
     assert_eq!(taken.attempt, 2);
 }
