@@ -939,6 +939,24 @@ impl Host {
                 defined.remove(&instance);
             }
         }
+        // The host may have died between being picked and the request being
+        // registered; its reader sets `dead` before it fails what is pending,
+        // so a request registered after that is failed here, not left to
+        // wait for its deadline.
+        let mut answer = answer;
+        if self.dead.load(Ordering::Acquire) {
+            return match answer.try_recv() {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(cause)) => Err(CallError::HostDied {
+                    error: format!("plugin host for '{}' died: {cause}", self.module),
+                    suspect: true,
+                }),
+                Err(_) => Err(CallError::HostDied {
+                    error: format!("plugin host for '{}' died", self.module),
+                    suspect: true,
+                }),
+            };
+        }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(cause))) => Err(CallError::HostDied {
