@@ -381,12 +381,12 @@ impl Supervisor {
     }
 
     fn module(&self, name: &str) -> Arc<Module> {
-        self.modules
-            .lock()
-            .expect("modules poisoned")
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
+        let mut modules = self.modules.lock().expect("modules poisoned");
+        // Every call comes here: look up without allocating a key.
+        if let Some(module) = modules.get(name) {
+            return module.clone();
+        }
+        modules.entry(name.to_owned()).or_default().clone()
     }
 
     /// The build to use now. A changed file is read and started by the
