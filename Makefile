@@ -28,8 +28,9 @@ serve: plugins ## run daisy serve on DAISY_ADDR (default 127.0.0.1:50051)
 demo: ## the whole system: Daisy, a worker and the Collect backend, in a guided tour
 	scripts/demo.sh
 
-fixtures: ## build the test fixtures that live outside the workspace (panic=abort)
+fixtures: ## build the test fixtures that live outside the workspace (panic=abort, plugin-api 1.0)
 	$(CARGO) build --locked --manifest-path plugins/testkit-panic-abort/Cargo.toml --target-dir target/fixtures
+	$(CARGO) build --locked --manifest-path plugins/testkit-old-minor/Cargo.toml --target-dir target/fixtures
 
 test: ## run the whole test suite against the real PostgreSQL
 	$(CARGO) build --workspace

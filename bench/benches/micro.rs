@@ -11,7 +11,7 @@ use std::{hint::black_box, path::PathBuf};
 use criterion::{Criterion, criterion_group, criterion_main};
 use plugin_api::{Input, Task, host::RunInput, json};
 use proxy::{
-    executor::Submission,
+    executor::{RunRef, Submission},
     plugins::{HostConfig, Isolation, Plugins},
     registry::TaskDef,
 };
@@ -55,6 +55,8 @@ fn plugin_call(c: &mut Criterion) {
                 submission_id: "s",
                 submission_json: black_box("{}"),
                 attempt: 1,
+                run_id: "r",
+                context_json: "",
             }))
         })
     });
@@ -77,6 +79,11 @@ fn instance_lookup(c: &mut Criterion) {
         form_id: "f".into(),
         submission_id: "s".into(),
         json: "{}".into(),
+        context_json: "".into(),
+    };
+    let first = RunRef {
+        id: uuid::Uuid::new_v4(),
+        attempt: 1,
     };
     let mut group = c.benchmark_group("one echo run through the plugin layer");
     for isolation in [Isolation::InProcess, Isolation::Process] {
@@ -95,7 +102,12 @@ fn instance_lookup(c: &mut Criterion) {
             isolation: Some(isolation.as_str().into()),
         };
         let run = || {
-            runtime.block_on(plugins.run(&task, &submission, 1, std::time::Duration::from_secs(1)))
+            runtime.block_on(plugins.run(
+                &task,
+                &submission,
+                first,
+                std::time::Duration::from_secs(1),
+            ))
         };
         run();
         group.bench_function(isolation.as_str(), |b| b.iter(|| black_box(run())));

@@ -201,6 +201,7 @@ async fn load(
                             form_id: form.to_string(),
                             submission_id: Uuid::new_v4().to_string(),
                             submission: Some(submission.clone()),
+                            context: None,
                         };
                         let sent = Instant::now();
                         match client.process(request).await {
@@ -775,6 +776,7 @@ async fn crash_recovery(env: &Env, times: usize) -> anyhow::Result<Histogram<u64
         form_id: form.to_string(),
         submission_id: Uuid::new_v4().to_string(),
         submission: Some(proto::json::json_to_struct(json!({"n": 1})).expect("an object")),
+        context: None,
     };
     client.process(call(after)).await?; // the host is up
     let mut hist = Histogram::<u64>::new(3)?;

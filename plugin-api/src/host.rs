@@ -15,7 +15,7 @@ use abi_stable::{
 
 use crate::{
     TaskError, Value,
-    ffi::{ErrorKind, FfiError, FfiInput, PluginModRef, TaskBaseBox},
+    ffi::{ErrorKind, FfiError, FfiInput, FfiRunMore, PluginModRef, TaskBaseBox, v1_0},
 };
 
 /// Why a library could not be loaded.
@@ -75,7 +75,7 @@ pub enum LoadError {
 /// A loaded plugin library.
 #[derive(Clone, Copy)]
 pub struct Library {
-    module: PluginModRef,
+    module: Module,
     api_version: &'static str,
 }
 
@@ -100,6 +100,19 @@ fn compatible(library: &str, host: &str) -> bool {
         (Some((lmaj, lmin)), Some((hmaj, hmin))) => lmaj == hmaj && (hmaj != 0 || lmin == hmin),
         _ => false,
     }
+}
+
+/// A library's root module, as the minor it was built against laid it out.
+#[derive(Clone, Copy)]
+enum Module {
+    Current(PluginModRef),
+    V1_0(v1_0::PluginModRef),
+}
+
+/// Whether `version` is a 1.0.x: loaded through [`v1_0`]'s layout.
+fn is_v1_0(version: &str) -> bool {
+    let mut parts = version.split('.');
+    parts.next() == Some("1") && parts.next() == Some("0")
 }
 
 impl Library {
@@ -133,25 +146,36 @@ impl Library {
                 host: host.to_owned(),
             });
         }
-        let module = header
-            .init_root_module::<PluginModRef>()
-            .map_err(|err| match err {
-                LibraryError::AbiInstability(detail) => LoadError::IncompatibleLayout {
-                    path: path.to_owned(),
-                    library: library.to_owned(),
-                    host: host.to_owned(),
-                    detail: detail.to_string(),
-                },
-                LibraryError::IncompatibleVersionNumber { .. } => LoadError::IncompatibleVersion {
-                    path: path.to_owned(),
-                    library: library.to_owned(),
-                    host: host.to_owned(),
-                },
-                other => LoadError::Init {
-                    path: path.to_owned(),
-                    reason: other.to_string(),
-                },
-            })?;
+        let layout_error = |err: LibraryError| match err {
+            LibraryError::AbiInstability(detail) => LoadError::IncompatibleLayout {
+                path: path.to_owned(),
+                library: library.to_owned(),
+                host: host.to_owned(),
+                detail: detail.to_string(),
+            },
+            LibraryError::IncompatibleVersionNumber { .. } => LoadError::IncompatibleVersion {
+                path: path.to_owned(),
+                library: library.to_owned(),
+                host: host.to_owned(),
+            },
+            other => LoadError::Init {
+                path: path.to_owned(),
+                reason: other.to_string(),
+            },
+        };
+        let module = if is_v1_0(library) {
+            Module::V1_0(
+                header
+                    .init_root_module::<v1_0::PluginModRef>()
+                    .map_err(layout_error)?,
+            )
+        } else {
+            Module::Current(
+                header
+                    .init_root_module::<PluginModRef>()
+                    .map_err(layout_error)?,
+            )
+        };
         Ok(Library {
             module,
             api_version: library,
@@ -160,12 +184,18 @@ impl Library {
 
     /// The plugin crate's name.
     pub fn name(&self) -> &'static str {
-        self.module.name().as_str()
+        match self.module {
+            Module::Current(m) => m.name().as_str(),
+            Module::V1_0(m) => m.name().as_str(),
+        }
     }
 
     /// The plugin crate's version.
     pub fn version(&self) -> &'static str {
-        self.module.version().as_str()
+        match self.module {
+            Module::Current(m) => m.version().as_str(),
+            Module::V1_0(m) => m.version().as_str(),
+        }
     }
 
     /// The plugin-api version the library was built against.
@@ -175,14 +205,42 @@ impl Library {
 
     /// The names of the tasks the library exports.
     pub fn tasks(&self) -> impl Iterator<Item = &'static str> {
-        self.module.tasks().as_slice().iter().map(|t| t.as_str())
+        let tasks = match self.module {
+            Module::Current(m) => m.tasks(),
+            Module::V1_0(m) => m.tasks(),
+        };
+        tasks.as_slice().iter().map(|t| t.as_str())
+    }
+
+    /// The JSON Schema task `func` declares for its config: `None` when the
+    /// library was built against plugin-api 1.0, does not export `func`, or
+    /// takes an untyped config (a schema that admits anything).
+    pub fn config_schema(&self, func: &str) -> Option<Value> {
+        let Module::Current(module) = self.module else {
+            return None;
+        };
+        let schema = module.config_schema()?;
+        let json = schema(RStr::from(func)).into_option()?;
+        let schema: Value = serde_json::from_str(json.as_str()).ok()?;
+        let admits_anything = schema == Value::Bool(true)
+            || schema
+                .as_object()
+                .is_some_and(|o| o.keys().all(|k| k.starts_with('$') || k == "title"));
+        (!admits_anything).then_some(schema)
     }
 
     /// Creates task `func` from its JSON config. Runs plugin code.
     pub fn instantiate(&self, func: &str, config: &str) -> Result<TaskHandle, TaskError> {
-        match (self.module.new_task())(RStr::from(func), RStr::from(config)) {
-            ROk(task) => Ok(TaskHandle(task)),
-            RErr(err) => Err(err.into()),
+        let (func, config) = (RStr::from(func), RStr::from(config));
+        match self.module {
+            Module::Current(m) => match (m.new_task())(func, config) {
+                ROk(task) => Ok(TaskHandle(Instance::Current(task))),
+                RErr(err) => Err(err.into()),
+            },
+            Module::V1_0(m) => match (m.new_task())(func, config) {
+                ROk(task) => Ok(TaskHandle(Instance::V1_0(task))),
+                RErr(err) => Err(err.into()),
+            },
         }
     }
 }
@@ -199,10 +257,19 @@ pub struct RunInput<'a> {
     pub submission_json: &'a str,
     /// The attempt number, from 1.
     pub attempt: u32,
+    /// The run's id.
+    pub run_id: &'a str,
+    /// The submission's context, JSON-encoded; empty when there is none.
+    pub context_json: &'a str,
 }
 
 /// A task instance created by a loaded library.
-pub struct TaskHandle(TaskBaseBox);
+pub struct TaskHandle(Instance);
+
+enum Instance {
+    Current(TaskBaseBox),
+    V1_0(v1_0::TaskBaseBox),
+}
 
 impl std::fmt::Debug for TaskHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -213,13 +280,22 @@ impl std::fmt::Debug for TaskHandle {
 impl TaskHandle {
     /// Runs the task. Blocks for as long as the plugin does.
     pub fn run(&self, input: RunInput<'_>) -> Result<Value, TaskError> {
+        let more = FfiRunMore {
+            run_id: input.run_id.into(),
+            context_json: input.context_json.into(),
+        };
         let input = FfiInput {
             form_id: input.form_id.into(),
             submission_id: input.submission_id.into(),
             submission_json: input.submission_json.into(),
             attempt: input.attempt,
         };
-        match self.0.run(input) {
+        let ran = match &self.0 {
+            Instance::Current(task) => task.run_with(input, more),
+            // 1.0 knows nothing of run ids and context.
+            Instance::V1_0(task) => task.run(input),
+        };
+        match ran {
             ROk(json) => serde_json::from_str(json.as_str()).map_err(|err| {
                 TaskError::permanent(format!("plugin returned output that is not JSON: {err}"))
             }),

@@ -48,6 +48,7 @@ pub mod host;
 
 use std::{fmt, time::Duration};
 
+pub use schemars;
 pub use serde_json::{self, Value, json};
 
 /// The version of this interface, compiled into every plugin and into Daisy.
@@ -65,12 +66,66 @@ pub struct Input {
     pub submission: Value,
     /// 1 on the first run; asynchronous tasks count up on each retry.
     pub attempt: u32,
+    /// The run's id (a UUID): the same on every attempt and on every
+    /// redelivery of one asynchronous run, so it serves as an idempotency
+    /// key at an outside API or in the plugin's own store. A synchronous run
+    /// gets a new one per call. Empty from a Daisy older than plugin-api 1.1.
+    pub run_id: String,
+    /// Who submitted, and for whom: what the form backend passed along
+    /// (empty when it passed nothing).
+    pub context: Context,
+}
+
+/// The submission's context, as the form backend sent it with the
+/// submission (`ProcessRequest.context`). Every field may be empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct Context {
+    /// The organisation the form belongs to.
+    pub organisation_id: String,
+    /// The form's owners, by email address.
+    pub owner_emails: Vec<String>,
+    /// Who submitted the response (an id or an email), when known.
+    pub submitter: String,
+    /// The submitter's locale (a BCP 47 tag such as `en-GB`).
+    pub locale: String,
+}
+
+impl Context {
+    /// A context; handy in plugin tests.
+    ///
+    /// ```
+    /// let context = plugin_api::Context::new("org-1", ["owner@example.com"]);
+    /// assert_eq!(context.owner_emails, ["owner@example.com"]);
+    /// ```
+    pub fn new(
+        organisation_id: impl Into<String>,
+        owner_emails: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Context {
+            organisation_id: organisation_id.into(),
+            owner_emails: owner_emails.into_iter().map(Into::into).collect(),
+            ..Context::default()
+        }
+    }
+
+    /// Whether the backend sent no context at all.
+    pub fn is_empty(&self) -> bool {
+        self == &Context::default()
+    }
 }
 
 impl Input {
     /// The answers: the submission's `answers` object when it has one (as
     /// form backends usually send), else the submission itself; empty when
     /// the submission is not an object.
+    ///
+    /// ```
+    /// use plugin_api::{Input, json};
+    /// let input = Input::new("f", "s", json!({"answers": {"name": "Ada"}}), 1);
+    /// assert_eq!(input.answers()["name"], "Ada");
+    /// ```
     pub fn answers(&self) -> &serde_json::Map<String, Value> {
         static EMPTY: std::sync::OnceLock<serde_json::Map<String, Value>> =
             std::sync::OnceLock::new();
@@ -80,7 +135,14 @@ impl Input {
             .unwrap_or_else(|| EMPTY.get_or_init(serde_json::Map::new))
     }
 
-    /// An input, as Daisy builds it for each run; handy in plugin tests.
+    /// An input, as Daisy builds it for each run (with no run id and an
+    /// empty context); handy in plugin tests.
+    ///
+    /// ```
+    /// use plugin_api::{Input, json};
+    /// let input = Input::new("form", "submission", json!({}), 1);
+    /// assert_eq!(input.attempt, 1);
+    /// ```
     pub fn new(
         form_id: impl Into<String>,
         submission_id: impl Into<String>,
@@ -92,7 +154,34 @@ impl Input {
             submission_id: submission_id.into(),
             submission,
             attempt,
+            run_id: String::new(),
+            context: Context::default(),
         }
+    }
+
+    /// The same input with run id `run_id`.
+    ///
+    /// ```
+    /// use plugin_api::{Input, json};
+    /// let input = Input::new("f", "s", json!({}), 2).with_run_id("r-1");
+    /// assert_eq!(input.run_id, "r-1");
+    /// ```
+    pub fn with_run_id(mut self, run_id: impl Into<String>) -> Self {
+        self.run_id = run_id.into();
+        self
+    }
+
+    /// The same input with context `context`.
+    ///
+    /// ```
+    /// use plugin_api::{Context, Input, json};
+    /// let input = Input::new("f", "s", json!({}), 1)
+    ///     .with_context(Context::new("org", ["a@example.com"]));
+    /// assert_eq!(input.context.organisation_id, "org");
+    /// ```
+    pub fn with_context(mut self, context: Context) -> Self {
+        self.context = context;
+        self
     }
 }
 
@@ -178,11 +267,59 @@ impl fmt::Display for TaskError {
 
 impl std::error::Error for TaskError {}
 
+/// Decodes a task's JSON config into its config type, naming the field at
+/// fault when it does not fit: `rules: invalid type: integer `5`, expected a
+/// sequence`. [`export_plugin!`] calls it before a typed constructor runs.
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Config { rules: Vec<String> }
+/// let err = plugin_api::decode_config::<Config>(plugin_api::json!({"rules": 5})).err().unwrap();
+/// assert!(err.message().contains("rules"), "{err}");
+/// ```
+pub fn decode_config<C: serde::de::DeserializeOwned>(config: Value) -> Result<C, TaskError> {
+    serde_path_to_error::deserialize(config).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if path == "." {
+            TaskError::permanent(format!("invalid config: {inner}"))
+        } else {
+            TaskError::permanent(format!("invalid config at `{path}`: {inner}"))
+        }
+    })
+}
+
 /// Exports the plugin's tasks: `export_plugin!("name" => constructor, ...)`.
 ///
-/// Each constructor is a `fn(Value) -> Result<T, TaskError>` where `T: Task`;
-/// it receives the task's JSON config. Use the macro once per crate, at the
-/// crate root. The names are what the `func` column of a task row selects.
+/// Each constructor is a `fn(C) -> Result<T, TaskError>` where `T: Task`
+/// and `C` is the task's config type: any type that is
+/// `serde::Deserialize` and `schemars::JsonSchema`, or plain [`Value`] for
+/// an untyped config. A typed config declares its JSON Schema, which `daisy
+/// task attach` checks a config against before attaching it, and a config
+/// that does not fit is refused naming the field at fault. Use the macro once
+/// per crate, at the crate root. The names are what the `func` column of a
+/// task row selects.
+///
+/// ```
+/// use plugin_api::{Input, Task, TaskError, Value, json};
+///
+/// /// Greets in its configured language.
+/// #[derive(serde::Deserialize, schemars::JsonSchema)]
+/// struct Config {
+///     /// The greeting.
+///     greeting: String,
+/// }
+///
+/// struct Greet(Config);
+///
+/// impl Task for Greet {
+///     fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+///         Ok(json!({ "greeting": self.0.greeting }))
+///     }
+/// }
+///
+/// plugin_api::export_plugin!("greet" => |config: Config| Ok::<_, TaskError>(Greet(config)));
+/// ```
 #[macro_export]
 macro_rules! export_plugin {
     ($($name:literal => $ctor:expr),+ $(,)?) => {
@@ -199,6 +336,7 @@ macro_rules! export_plugin {
                         env!("CARGO_PKG_VERSION"),
                         &[$($name),+],
                         new_task,
+                        config_schema,
                     )
                 })
             }
@@ -207,7 +345,15 @@ macro_rules! export_plugin {
                 config: $crate::ffi::__private::RStr<'_>,
             ) -> $crate::ffi::NewTaskResult {
                 $crate::ffi::__private::new_task(func, config, |func, config| match func {
-                    $($name => Some($crate::ffi::__private::boxed(($ctor)(config))),)+
+                    $($name => Some($crate::ffi::__private::construct(config, $ctor)),)+
+                    _ => None,
+                })
+            }
+            extern "C" fn config_schema(
+                func: $crate::ffi::__private::RStr<'_>,
+            ) -> $crate::ffi::__private::ROption<$crate::ffi::__private::RString> {
+                $crate::ffi::__private::config_schema(func, |func| match func {
+                    $($name => Some($crate::ffi::__private::schema_of(&$ctor)),)+
                     _ => None,
                 })
             }

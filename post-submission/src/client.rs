@@ -115,6 +115,7 @@ impl DaisyClient {
             form_id: stored.form_id.to_string(),
             submission_id: stored.submission_id.to_string(),
             submission: Some(submission),
+            context: stored.context.clone(),
         });
         request.set_timeout(deadline);
         let mut client = self.client.clone();

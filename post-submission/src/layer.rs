@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tower::{Layer, Service};
 
-use crate::{PostSubmission, Stored};
+use crate::{PostSubmission, Stored, SubmissionContext};
 
 /// Wraps a submit handler: see the crate documentation.
 #[derive(Debug, Clone)]
@@ -64,14 +64,16 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let daisy = self.daisy.clone();
+        let context = request.extensions().get::<SubmissionContext>().cloned();
         Box::pin(async move {
             let response = inner.call(request).await?;
             if !response.status().is_success() {
                 return Ok(response);
             }
-            let Some(stored) = response.extensions().get::<Stored>().cloned() else {
+            let Some(mut stored) = response.extensions().get::<Stored>().cloned() else {
                 return Ok(response);
             };
+            stored.context = merge_context(stored.context, context);
             let outcome = match daisy.send(&stored, daisy.client.deadline()).await {
                 Ok(done) => done,
                 Err(err) if err.is_final() => {
@@ -85,6 +87,31 @@ where
             Ok(merge(response, outcome).await)
         })
     }
+}
+
+/// The handler's context, with any field it left empty taken from the
+/// request's (an authentication middleware may know the submitter, the
+/// handler the form's owners).
+fn merge_context(
+    handler: Option<SubmissionContext>,
+    request: Option<SubmissionContext>,
+) -> Option<SubmissionContext> {
+    let (mut handler, request) = match (handler, request) {
+        (Some(handler), Some(request)) => (handler, request),
+        (handler, request) => return handler.or(request),
+    };
+    let fill = |mine: &mut String, theirs: String| {
+        if mine.is_empty() {
+            *mine = theirs;
+        }
+    };
+    fill(&mut handler.organisation_id, request.organisation_id);
+    fill(&mut handler.submitter, request.submitter);
+    fill(&mut handler.locale, request.locale);
+    if handler.owner_emails.is_empty() {
+        handler.owner_emails = request.owner_emails;
+    }
+    Some(handler)
 }
 
 /// Adds `post_submission` to a JSON object body; other bodies are returned as they were.

@@ -35,6 +35,13 @@ mod resend;
 
 pub use client::{DaisyClient, DaisyError};
 pub use layer::{PostSubmissionLayer, PostSubmissionService};
+/// Who submitted, and for whom: the form's organisation and owners, the
+/// submitter and their locale. Tasks see it as `plugin_api::Context`.
+///
+/// Set it on [`Stored::context`], or put it in the submit request's
+/// extensions (an authentication middleware knows the submitter): the layer
+/// sends the request's when the handler's [`Stored`] carries none.
+pub use proto::v1::SubmissionContext;
 pub use resend::Resend;
 
 use std::{future::Future, pin::Pin, sync::Arc};
@@ -51,6 +58,10 @@ pub struct Stored {
     pub submission_id: Uuid,
     /// The stored response, as the plugins should see it (a JSON object).
     pub submission: serde_json::Value,
+    /// Who submitted, and for whom; `None` sends the submit request's
+    /// [`SubmissionContext`] extension, if any. Keep what is needed to build
+    /// it again for [`PendingStore::pending`], so that a re-send carries it.
+    pub context: Option<SubmissionContext>,
 }
 
 /// A boxed error from the backend's store.

@@ -87,6 +87,7 @@ async fn submit(
         form_id,
         submission_id: Uuid::new_v4(),
         submission: body,
+        context: None,
     };
     store.add(stored.clone());
     Ok((
@@ -339,6 +340,7 @@ async fn a_submission_daisy_refuses_is_rejected_and_blocks_none_behind_it() {
         form_id: backend.form,
         submission_id: poison_id,
         submission: poison,
+        context: None,
     });
     for i in 0..5 {
         std::thread::sleep(Duration::from_millis(2));
@@ -346,6 +348,7 @@ async fn a_submission_daisy_refuses_is_rejected_and_blocks_none_behind_it() {
             form_id: backend.form,
             submission_id: Uuid::new_v4(),
             submission: json!({"name": format!("n{i}")}),
+            context: None,
         });
     }
     let resend = Resend {

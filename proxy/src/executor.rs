@@ -11,6 +11,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+use uuid::Uuid;
 
 use tokio::sync::Semaphore;
 
@@ -60,6 +61,18 @@ pub struct Submission {
     pub submission_id: String,
     /// The submission, JSON-encoded once for all tasks.
     pub json: Arc<str>,
+    /// The submission's context (`plugin_api::Context`), JSON-encoded;
+    /// empty when the backend sent none.
+    pub context_json: Arc<str>,
+}
+
+/// Which run of a task this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunRef {
+    /// The run's id: the same on every attempt and redelivery.
+    pub id: Uuid,
+    /// The attempt, from 1.
+    pub attempt: u32,
 }
 
 /// Runs tasks through the plugin loader.
@@ -78,18 +91,23 @@ impl Executor {
         }
     }
 
-    /// Runs `tasks` concurrently on `submission`; results in the same order.
+    /// Runs each task of `runs` (first attempts, under the given run ids)
+    /// concurrently on `submission`; results in the same order.
     pub async fn run_all(
         &self,
-        tasks: &[&TaskDef],
+        runs: &[(&TaskDef, Uuid)],
         submission: &Submission,
-        attempt: u32,
     ) -> Vec<RunResult> {
-        futures::future::join_all(
-            tasks
-                .iter()
-                .map(|task| self.run((*task).clone(), submission.clone(), attempt)),
-        )
+        futures::future::join_all(runs.iter().map(|(task, id)| {
+            self.run(
+                (*task).clone(),
+                submission.clone(),
+                RunRef {
+                    id: *id,
+                    attempt: 1,
+                },
+            )
+        }))
         .await
     }
 
@@ -99,7 +117,7 @@ impl Executor {
     }
 
     /// Runs one task under its timeout.
-    pub async fn run(&self, task: TaskDef, submission: Submission, attempt: u32) -> RunResult {
+    pub async fn run(&self, task: TaskDef, submission: Submission, run: RunRef) -> RunResult {
         let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.module = %task.module);
         let started = Instant::now();
         let timeout = Duration::from_millis(u64::try_from(task.timeout_ms).unwrap_or(1).max(1));
@@ -117,7 +135,7 @@ impl Executor {
             Ok(permit) => {
                 let _permit = permit.expect("the executor's semaphore is never closed");
                 let left = timeout.saturating_sub(started.elapsed());
-                self.plugins.run(&task, &submission, attempt, left).await
+                self.plugins.run(&task, &submission, run, left).await
             }
             Err(_) => timed_out(),
         };

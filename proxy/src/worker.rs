@@ -20,7 +20,7 @@ use crate::{
     batch::Batcher,
     catalog::Catalog,
     error::RegistryError,
-    executor::{Executor, Outcome, Submission},
+    executor::{Executor, Outcome, RunRef, Submission},
     plugins::Plugins,
     queue::{self, Backoff, Delivery, QueueConfig},
     registry::{ClaimRequest, Claimed, DbConfig, DeadLetter, Finish, Registry},
@@ -419,9 +419,17 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
         form_id: form.to_string(),
         submission_id: claimed.submission_id.to_string(),
         json: claimed.payload.to_string().into(),
+        context_json: claimed
+            .context
+            .as_ref()
+            .map_or_else(String::new, |c| c.to_string())
+            .into(),
     };
-    let attempt = u32::try_from(claimed.attempt).unwrap_or(1);
-    let result = ctx.executor.run(task, submission, attempt).await;
+    let run = RunRef {
+        id: claimed.run_id,
+        attempt: u32::try_from(claimed.attempt).unwrap_or(1),
+    };
+    let result = ctx.executor.run(task, submission, run).await;
     let exhausted = claimed.attempt >= claimed.max_attempts;
     let crashes = {
         let mut counts = ctx.crashes.lock().expect("crash counts poisoned");

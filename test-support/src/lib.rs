@@ -619,6 +619,7 @@ impl Stack {
             form_id: form.to_string(),
             submission_id: submission_id.clone(),
             submission: Some(proto::json::json_to_struct(submission).expect("a JSON object")),
+            context: None,
         };
         let response = self
             .client

@@ -17,7 +17,9 @@ use std::{collections::HashMap, time::Duration};
 use axum::{
     Extension, Json, Router,
     extract::{DefaultBodyLimit, Path, State, rejection::JsonRejection},
+    http,
     http::StatusCode,
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -28,7 +30,9 @@ use diesel::{
     r2d2::{ConnectionManager, Pool},
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use post_submission::{PendingStore, PostSubmission, PostSubmissionLayer, StoreFuture, Stored};
+use post_submission::{
+    PendingStore, PostSubmission, PostSubmissionLayer, StoreFuture, Stored, SubmissionContext,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -62,7 +66,9 @@ pub fn app(pool: DbPool, daisy: PostSubmission) -> Router {
         .route("/forms/{id}", get(get_form))
         .route(
             "/forms/{form_id}/submit",
-            post(submit).layer(PostSubmissionLayer::new(daisy)),
+            post(submit)
+                .layer(PostSubmissionLayer::new(daisy))
+                .layer(axum::middleware::from_fn(locale_from_request)),
         )
         .route("/forms/{form_id}/responses/{id}", get(get_response))
         .route("/responses/rejected", get(rejected_responses))
@@ -183,6 +189,10 @@ pub struct Form {
     /// Free-form metadata.
     #[serde(default = "empty_object")]
     pub metadata: Value,
+    /// Who owns the form: Daisy's tasks see it in the submission context
+    /// (google_sheets shares the form's spreadsheet with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_email: Option<String>,
     /// Its questions, in order.
     pub questions: Vec<Question>,
 }
@@ -194,6 +204,14 @@ async fn create_form(
     let Json(mut form) = body?;
     if form.title.trim().is_empty() {
         return Err(unprocessable("title must not be empty".into()));
+    }
+    if let Some(owner) = &form.owner_email {
+        let (local, domain) = owner.split_once('@').unwrap_or_default();
+        if local.is_empty() || !domain.contains('.') || owner.chars().any(char::is_whitespace) {
+            return Err(unprocessable(format!(
+                "owner_email '{owner}' is not an email address"
+            )));
+        }
     }
     let mut keys = std::collections::HashSet::new();
     for q in &form.questions {
@@ -234,6 +252,7 @@ async fn create_form(
                     forms::id.eq(form_id),
                     forms::title.eq(&saved.title),
                     forms::metadata.eq(&saved.metadata),
+                    forms::owner_email.eq(&saved.owner_email),
                 ))
                 .execute(conn)?;
             let rows: Vec<_> = saved
@@ -268,13 +287,13 @@ async fn create_form(
 type QuestionRow = (Uuid, String, String, String, bool, Value, Value);
 
 fn load_form(conn: &mut PgConnection, id: Uuid) -> Result<Option<Form>, ApiError> {
-    let found: Option<(String, Value)> = forms::table
+    let found: Option<(String, Value, Option<String>)> = forms::table
         .find(id)
-        .select((forms::title, forms::metadata))
+        .select((forms::title, forms::metadata, forms::owner_email))
         .first(conn)
         .optional()
         .map_err(internal)?;
-    let Some((title, metadata)) = found else {
+    let Some((title, metadata, owner_email)) = found else {
         return Ok(None);
     };
     let rows: Vec<QuestionRow> = questions::table
@@ -295,6 +314,7 @@ fn load_form(conn: &mut PgConnection, id: Uuid) -> Result<Option<Form>, ApiError
         id: Some(id),
         title,
         metadata,
+        owner_email,
         questions: rows
             .into_iter()
             .map(
@@ -379,6 +399,35 @@ fn daisy_view(
     json!({ "form_id": form_id, "response_id": response_id, "answers": answers, "metadata": metadata })
 }
 
+/// What Daisy's tasks learn of a submission to a form owned by `owner`.
+/// The submitter's locale comes from the request (see [`locale_from_request`]).
+fn context_of(owner: Option<String>) -> SubmissionContext {
+    SubmissionContext {
+        owner_emails: owner.into_iter().collect(),
+        ..SubmissionContext::default()
+    }
+}
+
+/// Puts the submitter's locale (the first tag of `Accept-Language`) in the
+/// request's [`SubmissionContext`] extension, where the Daisy layer finds it.
+async fn locale_from_request(mut request: axum::extract::Request, next: Next) -> Response {
+    let locale = request
+        .headers()
+        .get(http::header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split([',', ';']).next())
+        .map(str::trim)
+        .filter(|tag| !tag.is_empty() && tag.len() <= 35 && *tag != "*")
+        .map(str::to_owned);
+    if let Some(locale) = locale {
+        request.extensions_mut().insert(SubmissionContext {
+            locale,
+            ..SubmissionContext::default()
+        });
+    }
+    next.run(request).await
+}
+
 async fn submit(
     State(pool): State<DbPool>,
     Path(form_id): Path<Uuid>,
@@ -386,7 +435,7 @@ async fn submit(
 ) -> Result<(StatusCode, Extension<Stored>, Json<Value>), ApiError> {
     let Json(submission) = body?;
     let response_id = Uuid::new_v4();
-    let (submitted_at, submission) = blocking(&pool, move |conn| {
+    let (submitted_at, submission, context) = blocking(&pool, move |conn| {
         let form = load_form(conn, form_id)?
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no form {form_id}")))?;
         validate(&form, &submission.answers)?;
@@ -418,7 +467,7 @@ async fn submit(
             Ok::<DateTime<Utc>, diesel::result::Error>(at)
         })
         .map_err(internal)
-        .map(|at| (at, submission))
+        .map(|at| (at, submission, context_of(form.owner_email)))
     })
     .await?;
     let view = daisy_view(
@@ -431,6 +480,7 @@ async fn submit(
         form_id,
         submission_id: response_id,
         submission: view,
+        context: Some(context),
     };
     let body = json!({
         "id": response_id,
@@ -477,10 +527,18 @@ fn load_response(
         "submitted_at": submitted_at,
         "post_processing": post_processing,
     });
+    let owner_email: Option<String> = forms::table
+        .find(form_id)
+        .select(forms::owner_email)
+        .first(conn)
+        .optional()
+        .map_err(internal)?
+        .flatten();
     let stored = Stored {
         form_id,
         submission_id: id,
         submission: daisy_view(form_id, id, &answers, &metadata),
+        context: Some(context_of(owner_email)),
     };
     Ok(Some((body, stored)))
 }

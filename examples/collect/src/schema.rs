@@ -14,6 +14,7 @@ diesel::table! {
         title -> Text,
         metadata -> Jsonb,
         created_at -> Timestamptz,
+        owner_email -> Nullable<Text>,
     }
 }
 

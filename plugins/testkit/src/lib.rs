@@ -138,7 +138,8 @@ impl Task for PanicOnCreate {
     }
 }
 
-/// Fails retryably until attempt `succeed_on`, then returns `{"attempt": n}`.
+/// Fails retryably until attempt `succeed_on` (naming the run id in the
+/// error), then returns `{"attempt": n, "run_id": id}`.
 pub struct Flaky {
     succeed_on: u32,
 }
@@ -158,11 +159,11 @@ impl Flaky {
 impl Task for Flaky {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
         if input.attempt >= self.succeed_on {
-            Ok(json!({ "attempt": input.attempt }))
+            Ok(json!({ "attempt": input.attempt, "run_id": input.run_id }))
         } else {
             Err(TaskError::retryable(format!(
-                "flaky: attempt {} of {} fails",
-                input.attempt, self.succeed_on
+                "flaky: attempt {} of {} fails (run {})",
+                input.attempt, self.succeed_on, input.run_id
             )))
         }
     }
@@ -184,15 +185,21 @@ impl Task for Abort {
     }
 }
 
-/// Appends the submission id as one line to the file `path` (after sleeping
-/// `sleep_ms`), so tests can count how often each run really executed.
+/// Appends `<submission id> <run id>` as one line to the file
+/// `path`, so tests can count how often each run really executed; then
+/// sleeps `sleep_ms`. With `effects_dir`, it then applies its side effect
+/// once per run, keyed by the run id (the idempotency key a real plugin
+/// would send to an outside API): the file `<effects_dir>/<run id>`, created
+/// only if absent, holding the submission id.
 pub struct Count {
     path: std::path::PathBuf,
     sleep_ms: u64,
+    effects_dir: Option<std::path::PathBuf>,
 }
 
 impl Count {
-    /// Config: `{"path": "/tmp/x", "sleep_ms": 0}`.
+    /// Config: `{"path": "/tmp/x", "sleep_ms": 0, "effects_dir": "/tmp/e"}`
+    /// (`effects_dir` optional).
     pub fn new(config: Value) -> Result<Self, TaskError> {
         let path = config["path"]
             .as_str()
@@ -200,6 +207,7 @@ impl Count {
         Ok(Count {
             path: path.into(),
             sleep_ms: config["sleep_ms"].as_u64().unwrap_or(0),
+            effects_dir: config["effects_dir"].as_str().map(Into::into),
         })
     }
 }
@@ -207,16 +215,48 @@ impl Count {
 impl Task for Count {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
         use std::io::Write;
-        thread::sleep(Duration::from_millis(self.sleep_ms));
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| TaskError::retryable(format!("opening {}: {e}", self.path.display())))?;
         // One write of one short line: atomic with O_APPEND across processes.
-        file.write_all(format!("{}\n", input.submission_id).as_bytes())
+        let line = format!("{} {}\n", input.submission_id, input.run_id);
+        file.write_all(line.as_bytes())
             .map_err(|e| TaskError::retryable(format!("writing {}: {e}", self.path.display())))?;
-        Ok(json!({ "counted": input.submission_id }))
+        thread::sleep(Duration::from_millis(self.sleep_ms));
+        let Some(dir) = &self.effects_dir else {
+            return Ok(json!({ "counted": input.submission_id, "run_id": input.run_id }));
+        };
+        if input.run_id.is_empty() {
+            return Err(TaskError::permanent("no run id to key the effect by"));
+        }
+        let effect = dir.join(&input.run_id);
+        let applied = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&effect)
+        {
+            Ok(mut file) => {
+                file.write_all(input.submission_id.as_bytes())
+                    .map_err(|e| {
+                        TaskError::retryable(format!("writing {}: {e}", effect.display()))
+                    })?;
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => {
+                return Err(TaskError::retryable(format!(
+                    "creating {}: {e}",
+                    effect.display()
+                )));
+            }
+        };
+        Ok(json!({
+            "counted": input.submission_id,
+            "run_id": input.run_id,
+            "effect": if applied { "applied" } else { "already applied" },
+        }))
     }
 }
 
@@ -391,7 +431,31 @@ impl Task for Nul {
     }
 }
 
+/// Returns what it was given besides the submission: ids, attempt, run id
+/// and the submission context.
+pub struct Seen;
+
+impl Seen {
+    /// Takes no config.
+    pub fn new(_config: Value) -> Result<Self, TaskError> {
+        Ok(Seen)
+    }
+}
+
+impl Task for Seen {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        Ok(json!({
+            "form_id": input.form_id,
+            "submission_id": input.submission_id,
+            "attempt": input.attempt,
+            "run_id": input.run_id,
+            "context": input.context,
+        }))
+    }
+}
+
 plugin_api::export_plugin!(
+    "seen" => Seen::new,
     "nul" => Nul::new,
     "segfault" => Segfault::new,
     "exit" => Exit::new,

@@ -3,7 +3,13 @@
 //! the run log that would refuse it, and the caller learns which field broke
 //! which limit.
 
-use proto::prost_types::{Struct, Value, value::Kind};
+use proto::{
+    prost_types::{Struct, Value, value::Kind},
+    v1::SubmissionContext,
+};
+
+/// The most owners a submission's context may name.
+pub const MAX_OWNER_EMAILS: usize = 100;
 
 /// What a submission may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +46,27 @@ impl Limits {
     pub fn check(&self, submission: &Struct) -> Result<(), Refusal> {
         let mut keys = 0;
         self.check_struct(submission, "submission", 1, &mut keys)
+    }
+
+    /// Checks a request's `context`: each string within the string limit and
+    /// free of NUL characters, and at most [`MAX_OWNER_EMAILS`] owners.
+    pub fn check_context(&self, context: &SubmissionContext) -> Result<(), Refusal> {
+        if context.owner_emails.len() > MAX_OWNER_EMAILS {
+            return Err(Refusal(format!(
+                "context.owner_emails: more than {MAX_OWNER_EMAILS} addresses"
+            )));
+        }
+        self.check_string(
+            &context.organisation_id,
+            "context.organisation_id",
+            "string",
+        )?;
+        self.check_string(&context.submitter, "context.submitter", "string")?;
+        self.check_string(&context.locale, "context.locale", "string")?;
+        for (i, email) in context.owner_emails.iter().enumerate() {
+            self.check_string(email, &format!("context.owner_emails[{i}]"), "string")?;
+        }
+        Ok(())
     }
 
     fn check_struct(

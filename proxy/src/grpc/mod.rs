@@ -12,7 +12,7 @@ use proto::{
     prost_types,
     v1::{
         Enqueued, GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest,
-        ProcessResponse, Run as PbRun, RunState as PbRunState, TaskResult,
+        ProcessResponse, Run as PbRun, RunState as PbRunState, SubmissionContext, TaskResult,
         post_sub_proxy_server::PostSubProxy,
     },
 };
@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 pub use self::limits::Limits;
+use self::limits::Refusal;
 
 use crate::{
     SyncRunLog,
@@ -27,7 +28,7 @@ use crate::{
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
     outbox::{Acceptor, Outbox, RunLog},
-    registry::{Acceptance, Registry, Replay, RunState, SyncRun},
+    registry::{Acceptance, Registry, Replay, RunState, SyncRun, TaskDef},
 };
 
 /// The `PostSubProxy` service.
@@ -77,6 +78,16 @@ impl Service {
     }
 }
 
+/// A request's context as tasks see it (`plugin_api::Context`'s JSON form).
+fn context_to_json(context: SubmissionContext) -> serde_json::Value {
+    serde_json::json!({
+        "organisation_id": context.organisation_id,
+        "owner_emails": context.owner_emails,
+        "submitter": context.submitter,
+        "locale": context.locale,
+    })
+}
+
 fn parse_uuid(field: &str, value: &str) -> Result<Uuid, Status> {
     Uuid::parse_str(value)
         .map_err(|_| Status::invalid_argument(format!("{field} is not a UUID: '{value}'")))
@@ -113,6 +124,14 @@ impl PostSubProxy for Service {
         self.limits
             .check(&submission)
             .map_err(|refusal| Status::invalid_argument(refusal.0))?;
+        let context = request
+            .context
+            .map(|context| {
+                self.limits.check_context(&context)?;
+                Ok(context_to_json(context))
+            })
+            .transpose()
+            .map_err(|refusal: Refusal| Status::invalid_argument(refusal.0))?;
 
         let started = Instant::now();
         let tasks = self
@@ -131,6 +150,10 @@ impl PostSubProxy for Service {
             form_id: request.form_id,
             submission_id: request.submission_id,
             json: payload.to_string().into(),
+            context_json: context
+                .as_ref()
+                .map_or_else(String::new, |c| c.to_string())
+                .into(),
         };
 
         // The outbox commit and the synchronous tasks run side by side.
@@ -143,12 +166,14 @@ impl PostSubProxy for Service {
                     form,
                     submission: submission_id,
                     payload,
+                    context,
                     tasks: later.iter().map(|t| (*t).clone()).collect(),
                 })
                 .await
         };
         let sync_started = Utc::now();
-        let (accepted, runs) = tokio::join!(accept, self.executor.run_all(&sync, &submission, 1));
+        let sync: Vec<(&TaskDef, Uuid)> = sync.into_iter().map(|t| (t, Uuid::new_v4())).collect();
+        let (accepted, runs) = tokio::join!(accept, self.executor.run_all(&sync, &submission));
         let accepted = accepted
             .map_err(registry_status)?
             .map_err(|Replay::Conflict(why)| Status::already_exists(why))?;
@@ -177,7 +202,7 @@ impl PostSubProxy for Service {
         let results = sync
             .iter()
             .zip(runs)
-            .map(|(task, run)| {
+            .map(|((task, run_id), run)| {
                 let (outcome, output, error) = match run.outcome {
                     Outcome::Succeeded(output) => {
                         (PbOutcome::Succeeded, Some(output), String::new())
@@ -191,7 +216,7 @@ impl PostSubProxy for Service {
                     outcome != PbOutcome::Succeeded || self.sync_run_log == SyncRunLog::All;
                 if logged {
                     log.push(SyncRun {
-                        id: Uuid::new_v4(),
+                        id: *run_id,
                         submission_id,
                         form_id: form,
                         task_id: task.id,
@@ -287,6 +312,7 @@ pub async fn call_process(
             form_id: form_id.to_owned(),
             submission_id: submission_id.to_owned(),
             submission: Some(submission),
+            context: None,
         })
         .await
         .map_err(|status| {

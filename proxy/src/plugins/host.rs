@@ -194,6 +194,8 @@ fn run(
         submission_id: &request.submission_id,
         submission_json: &request.submission_json,
         attempt: request.attempt,
+        run_id: &request.run_id,
+        context_json: &request.context_json,
     });
     if memory_limit_mib > 0 {
         let resident = resident_mib();

@@ -39,7 +39,7 @@ use self::{
 };
 use crate::{
     error::PluginError,
-    executor::{Outcome, Submission},
+    executor::{Outcome, RunRef, Submission},
     registry::TaskDef,
 };
 
@@ -128,7 +128,7 @@ impl Plugins {
         &self,
         task: &TaskDef,
         submission: &Submission,
-        attempt: u32,
+        run: RunRef,
         timeout: Duration,
     ) -> Outcome {
         if let Err(err) = validate_name("func", &task.func) {
@@ -143,6 +143,7 @@ impl Plugins {
         match self.isolation(task) {
             Isolation::Process => {
                 let config = task.config.to_string();
+                let mut run_id = Uuid::encode_buffer();
                 let call = Call {
                     module: &task.module,
                     task_id: task.id,
@@ -151,7 +152,9 @@ impl Plugins {
                     form_id: &submission.form_id,
                     submission_id: &submission.submission_id,
                     submission_json: &submission.json,
-                    attempt,
+                    context_json: &submission.context_json,
+                    run_id: run.id.hyphenated().encode_lower(&mut run_id),
+                    attempt: run.attempt,
                 };
                 let deadline = tokio::time::Instant::now() + timeout;
                 match self.hosts.call(call, deadline).await {
@@ -173,7 +176,7 @@ impl Plugins {
                     (self.inproc.clone(), task.clone(), submission.clone());
                 let work = tokio::task::spawn_blocking(move || {
                     let started = Instant::now();
-                    let outcome = run_in_process(&inproc, &task2, &submission, attempt);
+                    let outcome = run_in_process(&inproc, &task2, &submission, run);
                     if started.elapsed() > timeout {
                         tracing::warn!(
                             task.name = %task2.name,
@@ -300,7 +303,7 @@ fn run_in_process(
     plugins: &InProcess,
     task: &TaskDef,
     submission: &Submission,
-    attempt: u32,
+    run: RunRef,
 ) -> Outcome {
     let handle = match plugins.instance(task) {
         Ok(handle) => handle,
@@ -310,7 +313,9 @@ fn run_in_process(
         form_id: &submission.form_id,
         submission_id: &submission.submission_id,
         submission_json: &submission.json,
-        attempt,
+        attempt: run.attempt,
+        run_id: &run.id.to_string(),
+        context_json: &submission.context_json,
     };
     match handle.run(input) {
         Ok(output) => Outcome::Succeeded(output),

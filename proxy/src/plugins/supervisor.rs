@@ -139,6 +139,10 @@ pub struct Call<'a> {
     pub submission_id: &'a str,
     /// The submission, JSON-encoded.
     pub submission_json: &'a str,
+    /// The submission's context, JSON-encoded (empty for none).
+    pub context_json: &'a str,
+    /// The run's id.
+    pub run_id: &'a str,
     /// The attempt, from 1.
     pub attempt: u32,
 }
@@ -924,6 +928,8 @@ impl Host {
             submission_id: call.submission_id.to_owned(),
             submission_json: call.submission_json.to_owned(),
             attempt: call.attempt,
+            run_id: call.run_id.to_owned(),
+            context_json: call.context_json.to_owned(),
         };
         {
             let mut defined = self.defined.lock().expect("defined poisoned");

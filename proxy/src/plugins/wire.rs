@@ -55,6 +55,12 @@ pub struct Request {
     /// The attempt number, from 1.
     #[prost(uint32, tag = "7")]
     pub attempt: u32,
+    /// The run's id.
+    #[prost(string, tag = "8")]
+    pub run_id: String,
+    /// The submission's context, JSON-encoded; empty for none.
+    #[prost(string, tag = "9")]
+    pub context_json: String,
 }
 
 /// How to create a task instance.

@@ -133,6 +133,9 @@ pub struct Acceptance {
     pub submission: Uuid,
     /// The submission's payload, kept for the workers.
     pub payload: serde_json::Value,
+    /// The submission's context (`plugin_api::Context`), when the backend
+    /// sent one; not part of a replay's identity.
+    pub context: Option<serde_json::Value>,
     /// The form's enabled asynchronous tasks.
     pub tasks: Vec<TaskDef>,
 }
@@ -175,6 +178,8 @@ pub struct Claimed {
     pub submission_id: Uuid,
     /// The submission's payload.
     pub payload: serde_json::Value,
+    /// The submission's context, when the backend sent one.
+    pub context: Option<serde_json::Value>,
     /// This execution's number, from 1.
     pub attempt: i32,
     /// Executions allowed.
@@ -209,6 +214,8 @@ struct ClaimedRow {
     submission_id: Uuid,
     #[diesel(sql_type = diesel::sql_types::Jsonb)]
     payload: serde_json::Value,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Jsonb>)]
+    context: Option<serde_json::Value>,
     #[diesel(sql_type = diesel::sql_types::Int4)]
     attempts: i32,
     #[diesel(sql_type = diesel::sql_types::Int4)]
@@ -278,6 +285,7 @@ impl Registry {
                     submissions::id.eq(r.submission),
                     submissions::form_id.eq(r.form),
                     submissions::payload.eq(&r.payload),
+                    submissions::context.eq(&r.context),
                 )
             })
             .collect();
@@ -575,7 +583,7 @@ impl Registry {
                     OR (t.state = 'running' AND (t.claim_token = i.token \
                         OR (i.redelivered AND (t.lease_until IS NULL OR t.lease_until < now()))))) \
              RETURNING i.token, t.id AS run_id, t.task_id, t.form_id, t.submission_id, \
-                       s.payload, t.attempts, t.max_attempts, t.started_at",
+                       s.payload, s.context, t.attempts, t.max_attempts, t.started_at",
         )
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.run).collect::<Vec<_>>())
         .bind::<Array<Bool>, _>(requests.iter().map(|r| r.redelivered).collect::<Vec<_>>())
@@ -593,6 +601,7 @@ impl Registry {
                     form_id: row.form_id,
                     submission_id: row.submission_id,
                     payload: row.payload,
+                    context: row.context,
                     attempt: row.attempts,
                     max_attempts: row.max_attempts,
                     started_at: row.started_at.unwrap_or_else(Utc::now),

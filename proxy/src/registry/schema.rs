@@ -17,6 +17,7 @@ diesel::table! {
         form_id -> Uuid,
         payload -> Jsonb,
         created_at -> Timestamptz,
+        context -> Nullable<Jsonb>,
     }
 }
 

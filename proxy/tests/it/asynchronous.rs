@@ -275,9 +275,17 @@ async fn retryable_failures_are_retried_with_backoff_and_dead_runs_can_be_retrie
 
     let flaky = runs.iter().find(|r| r.name == "flaky").expect("flaky");
     assert_eq!(flaky.attempts, 3);
+    // The third attempt saw the run's own id, as every attempt does.
     assert_eq!(
         to_json(flaky.output.as_ref().expect("output")),
-        json!({"attempt": 3})
+        json!({"attempt": 3, "run_id": flaky.run_id})
+    );
+    let dead = runs.iter().find(|r| r.name == "always").expect("always");
+    assert!(
+        dead.last_error
+            .ends_with(&format!("attempt 3 of 99 fails (run {})", dead.run_id)),
+        "{}",
+        dead.last_error
     );
     let flaky_id: Uuid = flaky.run_id.parse().expect("uuid");
     let attempts = db.registry().attempts(flaky_id).expect("attempts");
@@ -833,6 +841,7 @@ async fn a_claim_retried_after_a_lost_answer_is_still_ours() {
                 form,
                 submission: Uuid::new_v4(),
                 payload: json!({}),
+                context: None,
                 tasks: vec![task],
             }],
             Duration::ZERO,
@@ -898,6 +907,7 @@ async fn claims_and_outcomes_are_stored_in_batches_with_one_answer_per_delivery(
             form,
             submission: Uuid::new_v4(),
             payload: json!({ "answers": { "n": n } }),
+            context: None,
             tasks: vec![task.clone()],
         })
         .collect();

@@ -175,6 +175,7 @@ async fn one_submission_the_database_refuses_fails_alone_in_its_batch() {
                         form,
                         submission: Uuid::new_v4(),
                         payload,
+                        context: None,
                         tasks: vec![task],
                     })
                     .await
@@ -282,6 +283,7 @@ async fn a_duplicate_message_respects_backoff_and_a_late_publish_mark_hides_no_r
                 form,
                 submission,
                 payload: json!({}),
+                context: None,
                 tasks: vec![task],
             }],
             Duration::ZERO,
@@ -386,6 +388,7 @@ async fn pruning_deletes_old_finished_runs_and_never_pending_ones() {
             form,
             submission,
             payload: json!({}),
+            context: None,
             tasks: vec![task.clone()],
         })
         .collect();

@@ -95,7 +95,7 @@ async fn each_broken_task_fails_alone_and_the_next_call_is_served() {
     );
     expect_failed(
         "foreign_abi",
-        &["libforeign.so", "plugin-api 9.0.0", "plugin-api 0.1.0"],
+        &["libforeign.so", "plugin-api 9.0.0", "plugin-api 1.1.0"],
     );
     expect_failed("unknown_func", &["'reverb'", "libecho.so", "echo"]);
     expect_failed("panics", &["panicked at", "lib.rs", "kaboom"]);

@@ -124,6 +124,7 @@ async fn arbitrary_submissions_never_get_internal_nor_wedge_serve() {
                 form_id: form.to_string(),
                 submission_id: Uuid::new_v4().to_string(),
                 submission: Some(submission),
+                context: None,
             };
             cases += 1;
             match stack.client.process(request.clone()).await {

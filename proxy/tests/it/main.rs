@@ -4,6 +4,7 @@
 mod util;
 
 mod asynchronous;
+mod authoring;
 mod cli;
 mod database;
 mod edge;

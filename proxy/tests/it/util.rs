@@ -265,6 +265,7 @@ pub fn request(form: Uuid, submission: Value) -> ProcessRequest {
         form_id: form.to_string(),
         submission_id: Uuid::new_v4().to_string(),
         submission: Some(to_struct(submission)),
+        context: None,
     }
 }
 

@@ -1,0 +1,217 @@
+//! The plugin interface of Daisy: the only crate a task plugin depends on.
+//!
+//! A plugin is one `cdylib` crate that exports one or more *tasks*. A task is
+//! created once from its JSON configuration (the `config` column of its row in
+//! `tasks`) and then run many times, concurrently, on submissions:
+//!
+//! ```
+//! use plugin_api::{Input, Task, TaskError, Value, json};
+//!
+//! /// Returns the submission it was given.
+//! struct Echo;
+//!
+//! impl Echo {
+//!     fn new(_config: Value) -> Result<Self, TaskError> {
+//!         Ok(Echo)
+//!     }
+//! }
+//!
+//! impl Task for Echo {
+//!     fn run(&self, input: &Input) -> Result<Value, TaskError> {
+//!         Ok(json!({ "echo": input.submission }))
+//!     }
+//! }
+//!
+//! plugin_api::export_plugin!("echo" => Echo::new);
+//! ```
+//!
+//! Authors write plain, safe Rust: JSON in, JSON out, and a [`TaskError`] that
+//! says whether a retry may help. [`export_plugin!`] writes the stable-ABI glue
+//! and catches panics inside the plugin, so a panicking task becomes an error
+//! result instead of aborting the host.
+//!
+//! # Modules
+//! - [`ffi`]: the types that cross the library boundary (abi_stable).
+//! - [`host`]: loading a library and running its tasks, used by Daisy itself.
+//!
+//! # Versioning
+//! The interface version is this crate's version. A library is accepted when
+//! it was built against the same major version (for `0.x`, the same minor).
+//! Within a version, the root module ([`ffi::PluginMod`]) may only grow new
+//! fields after its `#[sabi(last_prefix_field)]` field; anything else (removing
+//! or changing a field, a new [`ffi::ErrorKind`] variant) needs a new major
+//! (for `0.x`, minor) version. abi_stable also checks the layout of every type
+//! that crosses the boundary when a library is loaded.
+
+pub mod ffi;
+pub mod host;
+
+use std::{fmt, time::Duration};
+
+pub use serde_json::{self, Value, json};
+
+/// The version of this interface, compiled into every plugin and into Daisy.
+pub const INTERFACE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What a task gets on each run.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Input {
+    /// The form's id (a UUID).
+    pub form_id: String,
+    /// The submission's id (a UUID), unique per submitted response.
+    pub submission_id: String,
+    /// The submitted response as JSON.
+    pub submission: Value,
+    /// 1 on the first run; asynchronous tasks count up on each retry.
+    pub attempt: u32,
+}
+
+impl Input {
+    /// The answers: the submission's `answers` object when it has one (as
+    /// form backends usually send), else the submission itself; empty when
+    /// the submission is not an object.
+    pub fn answers(&self) -> &serde_json::Map<String, Value> {
+        static EMPTY: std::sync::OnceLock<serde_json::Map<String, Value>> =
+            std::sync::OnceLock::new();
+        self.submission["answers"]
+            .as_object()
+            .or_else(|| self.submission.as_object())
+            .unwrap_or_else(|| EMPTY.get_or_init(serde_json::Map::new))
+    }
+
+    /// An input, as Daisy builds it for each run; handy in plugin tests.
+    pub fn new(
+        form_id: impl Into<String>,
+        submission_id: impl Into<String>,
+        submission: Value,
+        attempt: u32,
+    ) -> Self {
+        Input {
+            form_id: form_id.into(),
+            submission_id: submission_id.into(),
+            submission,
+            attempt,
+        }
+    }
+}
+
+/// A task: built once from its configuration, then run many times.
+///
+/// `run` is called from several threads at once, hence `Send + Sync`; keep
+/// clients and caches in `self` behind the usual synchronisation.
+pub trait Task: Send + Sync + 'static {
+    /// Runs the task on one submission.
+    fn run(&self, input: &Input) -> Result<Value, TaskError>;
+}
+
+/// Why a task failed, and whether running it again may help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskError {
+    message: String,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+impl TaskError {
+    /// A failure that a later attempt may not hit (a timeout, a 503, a rate limit).
+    pub fn retryable(message: impl fmt::Display) -> Self {
+        TaskError {
+            message: message.to_string(),
+            retryable: true,
+            retry_after: None,
+        }
+    }
+
+    /// The earliest time a retry makes sense, e.g. an API's `Retry-After`;
+    /// the worker waits at least this long (or its own backoff, if longer).
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The wait asked for by [`TaskError::with_retry_after`].
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// A failure that will happen again on the same input (bad config, a rule broken).
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        TaskError {
+            message: message.to_string(),
+            retryable: false,
+            retry_after: None,
+        }
+    }
+
+    /// What went wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether a retry may help.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+/// Parses an HTTP `Retry-After` value: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    value
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .ok()
+        .or_else(|| {
+            httpdate::parse_http_date(value)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .ok()
+        })
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+/// Exports the plugin's tasks: `export_plugin!("name" => constructor, ...)`.
+///
+/// Each constructor is a `fn(Value) -> Result<T, TaskError>` where `T: Task`;
+/// it receives the task's JSON config. Use the macro once per crate, at the
+/// crate root. The names are what the `func` column of a task row selects.
+#[macro_export]
+macro_rules! export_plugin {
+    ($($name:literal => $ctor:expr),+ $(,)?) => {
+        /// The library header Daisy looks up when it loads this plugin.
+        #[doc(hidden)]
+        // The symbol abi_stable's loader looks for; a unit test in plugin-api
+        // checks it against `abi_stable::library::ROOT_MODULE_LOADER_NAME`.
+        #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
+        pub static __DAISY_PLUGIN_HEADER: $crate::ffi::__private::LibHeader = {
+            extern "C" fn load_root_module() -> $crate::ffi::__private::RootModuleResult {
+                $crate::ffi::__private::call_root_module_loader(|| {
+                    $crate::ffi::__private::root_module(
+                        env!("CARGO_PKG_NAME"),
+                        env!("CARGO_PKG_VERSION"),
+                        &[$($name),+],
+                        new_task,
+                    )
+                })
+            }
+            extern "C" fn new_task(
+                func: $crate::ffi::__private::RStr<'_>,
+                config: $crate::ffi::__private::RStr<'_>,
+            ) -> $crate::ffi::NewTaskResult {
+                $crate::ffi::__private::new_task(func, config, |func, config| match func {
+                    $($name => Some($crate::ffi::__private::boxed(($ctor)(config))),)+
+                    _ => None,
+                })
+            }
+            $crate::ffi::__private::header(load_root_module)
+        };
+    };
+}
