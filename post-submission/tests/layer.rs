@@ -491,9 +491,13 @@ async fn a_serve_killed_under_load_beside_another_loses_and_repeats_nothing() {
 /// random every few seconds: the broker cut off, the database cut off, a
 /// worker SIGKILLed, a serve SIGKILLed (each restored or restarted after a
 /// few seconds); a form whose asynchronous task crashes its plugin host is
-/// part of the load. Then a report: submissions accepted, runs succeeded,
-/// dead (with reasons), executed more than once (must be 0), stuck (must
-/// be 0).
+/// part of the load. The asynchronous task applies its side effect once per
+/// run id (`Input::run_id`, the idempotency key a real plugin sends to an
+/// outside API). Then a report: submissions accepted, runs succeeded, dead
+/// (with reasons), runs executed again after a kill (at-least-once: a worker
+/// SIGKILLed between a run's effect and its recorded outcome), effects
+/// applied more than once (must be 0), succeeded runs whose effect is
+/// missing (must be 0), stuck (must be 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long: make soak"]
 async fn soak() {
@@ -507,13 +511,15 @@ async fn soak() {
     let (db, plugins, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
     plugins.install("testkit", "testkit");
     let counter = std::env::temp_dir().join(format!("daisy-soak-{}", Uuid::new_v4().simple()));
+    let effects = tempfile::tempdir().expect("effects dir");
     let (form, crashy) = (Uuid::new_v4(), Uuid::new_v4());
     db.execute(&format!(
         "INSERT INTO tasks (id, form_id, name, module, func, async_status, config, max_attempts) VALUES \
          (gen_random_uuid(), '{form}', 'check', 'testkit', 'echo', false, '{{}}', 5), \
-         (gen_random_uuid(), '{form}', 'receipt', 'testkit', 'count', true, '{{\"path\": \"{}\"}}', 10), \
+         (gen_random_uuid(), '{form}', 'receipt', 'testkit', 'count', true, '{{\"path\": \"{}\", \"effects_dir\": \"{}\"}}', 10), \
          (gen_random_uuid(), '{crashy}', 'crash', 'testkit', 'segfault', true, '{{}}', 5)",
-        counter.display()
+        counter.display(),
+        effects.path().display()
     ));
     let db_relay = Relay::start(test_support::postgres_addr()).await;
     let amqp_relay = Relay::start(test_support::amqp_addr()).await;
@@ -611,6 +617,7 @@ async fn soak() {
             .await
             .expect("connect");
     let (mut succeeded, mut stuck) = (0, 0);
+    let mut succeeded_runs = Vec::new();
     let mut dead = std::collections::BTreeMap::<String, usize>::new();
     for (_, id) in &ids {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -640,6 +647,7 @@ async fn soak() {
                 for run in runs.iter().filter(|r| r.is_async) {
                     if run.state() == proto::v1::RunState::Succeeded {
                         succeeded += 1;
+                        succeeded_runs.push(run.run_id.clone());
                     } else {
                         let reason: String = run.last_error.chars().take(60).collect();
                         *dead.entry(reason).or_default() += 1;
@@ -654,7 +662,19 @@ async fn soak() {
     for line in executions.lines() {
         *seen.entry(line).or_default() += 1;
     }
-    let twice = seen.values().filter(|&&n| n > 1).count();
+    let again = seen.values().filter(|&&n| n > 1).count();
+    // One effect file per run id, holding its submission id: a submission
+    // with two effects would mean one task's effect under two run ids.
+    let mut effects_per_submission = std::collections::HashMap::<String, usize>::new();
+    for entry in std::fs::read_dir(effects.path()).expect("effects") {
+        let submission = std::fs::read_to_string(entry.expect("entry").path()).expect("effect");
+        *effects_per_submission.entry(submission).or_default() += 1;
+    }
+    let twice = effects_per_submission.values().filter(|&&n| n > 1).count();
+    let missing = succeeded_runs
+        .iter()
+        .filter(|run| !effects.path().join(run).exists())
+        .count();
     eprintln!("\nsoak report ({:?} of load, faults {faults:?})", length);
     eprintln!("  submissions accepted:        {}", ids.len());
     eprintln!("  left pending in the backend: {pending_left}");
@@ -666,9 +686,14 @@ async fn soak() {
     for (reason, n) in &dead {
         eprintln!("    {n:>6}  {reason}");
     }
-    eprintln!("  executed more than once:     {twice}");
+    eprintln!(
+        "  executed again after a kill: {again} (at least once; the effect is keyed by run id)"
+    );
+    eprintln!("  effects more than once:      {twice}");
+    eprintln!("  succeeded, effect missing:   {missing}");
     eprintln!("  stuck:                       {stuck}");
     assert_eq!(pending_left, 0);
-    assert_eq!(twice, 0, "runs executed more than once");
+    assert_eq!(twice, 0, "effects applied more than once");
+    assert_eq!(missing, 0, "succeeded runs whose effect never happened");
     assert_eq!(stuck, 0, "runs never settled");
 }

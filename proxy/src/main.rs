@@ -387,6 +387,10 @@ enum TaskCommand {
         /// Where its plugin code runs; the server's `--isolation` if not given.
         #[arg(long, value_enum)]
         isolation: Option<Isolation>,
+        /// Attach even when the config does not fit the schema the plugin
+        /// declares for it.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         db: DbArgs,
         #[command(flatten)]
@@ -418,6 +422,14 @@ enum PluginCommand {
         plugins: PluginsArgs,
         #[command(flatten)]
         db: DbArgs,
+    },
+    /// Show one plugin library: its tasks and the JSON Schema each declares
+    /// for its config.
+    Show {
+        /// The module: the library lib<module>.so in the plugins directory.
+        module: String,
+        #[command(flatten)]
+        plugins: PluginsArgs,
     },
 }
 
@@ -545,6 +557,9 @@ fn try_main() -> anyhow::Result<()> {
         Command::Plugin(PluginCommand::List { plugins, db }) => {
             plugin_list(&plugins.plugins_dir, &db)
         }
+        Command::Plugin(PluginCommand::Show { module, plugins }) => {
+            plugin_show(&plugins.plugins_dir, &module)
+        }
         Command::Process {
             server,
             form,
@@ -622,6 +637,7 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
             max_attempts,
             disabled,
             isolation,
+            force,
             db,
             plugins,
         } => {
@@ -631,7 +647,7 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                 serde_json::from_str(&config).context("--config is not valid JSON")?;
             anyhow::ensure!(timeout_ms > 0, "--timeout-ms must be positive");
             anyhow::ensure!(max_attempts > 0, "--max-attempts must be positive");
-            check_plugin(&plugins.plugins_dir, &module, &func);
+            check_plugin(&plugins.plugins_dir, &module, &func, &config, force)?;
             let task = Registry::new(&db.config())
                 .attach(&NewTask {
                     form_id: form,
@@ -772,21 +788,74 @@ fn cli_plugins(dir: &std::path::Path) -> anyhow::Result<(tokio::runtime::Runtime
     Ok((runtime, plugins))
 }
 
-/// Warns when the task's plugin is not (yet) usable; attaching still works,
-/// since the library may be installed later.
-fn check_plugin(dir: &std::path::Path, module: &str, func: &str) {
+/// Checks `config` against the schema the task's plugin declares, when its
+/// library is present and declares one: a config that does not fit is
+/// refused (naming each field at fault) unless `force`. Only warns when the
+/// plugin is not (yet) usable, since the library may be installed later.
+fn check_plugin(
+    dir: &std::path::Path,
+    module: &str,
+    func: &str,
+    config: &serde_json::Value,
+    force: bool,
+) -> anyhow::Result<()> {
     let Ok((runtime, plugins)) = cli_plugins(dir) else {
-        return;
+        return Ok(());
     };
-    match runtime.block_on(plugins.inspect(module)) {
-        Ok(info) if !info.tasks.iter().any(|t| t == func) => eprintln!(
+    let inspected = runtime.block_on(plugins.inspect(module));
+    plugins.shutdown();
+    let info = match inspected {
+        Ok(info) => info,
+        Err(err) => {
+            eprintln!("warning: {err}; the task will fail until that is fixed");
+            return Ok(());
+        }
+    };
+    if !info.tasks.iter().any(|t| t == func) {
+        eprintln!(
             "warning: plugin '{module}' has no task '{func}' (it exports: {})",
             info.tasks.join(", ")
-        ),
-        Ok(_) => {}
-        Err(err) => eprintln!("warning: {err}; the task will fail until that is fixed"),
+        );
+        return Ok(());
     }
+    let Some(schema) = info.schemas.get(func) else {
+        return Ok(());
+    };
+    let Err(problems) = proxy::plugins::schema::check_config(schema, config) else {
+        return Ok(());
+    };
+    let problems = problems.join("\n  ");
+    if force {
+        eprintln!(
+            "warning: --config does not fit the schema of {module}::{func} (attached anyway, --force):\n  {problems}"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "--config does not fit the schema of {module}::{func}:\n  {problems}\n(`daisy plugin show {module}` prints the schema; --force attaches anyway)"
+    )
+}
+
+fn plugin_show(dir: &std::path::Path, module: &str) -> anyhow::Result<()> {
+    validate_name("module", module)?;
+    let (runtime, plugins) = cli_plugins(dir)?;
+    let inspected = runtime.block_on(plugins.inspect(module));
     plugins.shutdown();
+    let info = inspected?;
+    println!(
+        "{module}: {} {} (plugin-api {}), sha256 {}",
+        info.name, info.version, info.api_version, info.sha256
+    );
+    for task in &info.tasks {
+        match info.schemas.get(task) {
+            Some(schema) => println!(
+                "\ntask {task}: config schema\n{}",
+                serde_json::to_string_pretty(schema)?
+            ),
+            None => println!("\ntask {task}: no config schema declared (any JSON is accepted)"),
+        }
+    }
+    Ok(())
 }
 
 fn plugin_list(dir: &std::path::Path, db: &DbArgs) -> anyhow::Result<()> {

@@ -13,6 +13,31 @@ use evalexpr::{
     Value as Ev, build_operator_tree,
 };
 use plugin_api::{Input, Task, TaskError, Value, json};
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+/// The task's config: the rules, checked in order on every submission.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct Config {
+    /// The rules.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// One rule: exactly one of `expr` and `required`.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct RuleConfig {
+    /// Its name in flags (`rule N`, from 1, if not given).
+    pub name: Option<String>,
+    /// An expression over the answers that must be true, e.g. `age >= 18`.
+    pub expr: Option<String>,
+    /// An answer that must be present and not empty.
+    pub required: Option<String>,
+    /// An expression over the answers: the rule applies only when it is true.
+    pub when: Option<String>,
+    /// The flag's message (a default names the expression or the field).
+    pub message: Option<String>,
+}
 
 /// One configured rule, compiled.
 struct Rule {
@@ -43,39 +68,34 @@ fn compile(rule: &str, what: &str, source: &str) -> Result<Node, TaskError> {
 }
 
 impl Validate {
-    /// Config: `{"rules": [{"name", "expr" | "required", "when"?, "message"?}]}`.
-    pub fn new(config: Value) -> Result<Self, TaskError> {
-        let rules = config["rules"]
-            .as_array()
-            .ok_or_else(|| TaskError::permanent("config needs a 'rules' array"))?;
-        let rules = rules
-            .iter()
+    /// Compiles the configured rules; a rule with a syntax error, or with
+    /// both or neither of `expr` and `required`, is refused.
+    pub fn new(config: Config) -> Result<Self, TaskError> {
+        let rules = config
+            .rules
+            .into_iter()
             .enumerate()
             .map(|(i, rule)| {
-                let name = rule["name"]
-                    .as_str()
-                    .map_or_else(|| format!("rule {}", i + 1), str::to_owned);
-                let check = match (rule["expr"].as_str(), rule["required"].as_str()) {
+                let name = rule.name.unwrap_or_else(|| format!("rule {}", i + 1));
+                let check = match (&rule.expr, rule.required) {
                     (Some(expr), None) => Check::Expr(compile(&name, "expr", expr)?),
-                    (None, Some(field)) => Check::Required(field.to_owned()),
+                    (None, Some(field)) => Check::Required(field),
                     _ => {
                         return Err(TaskError::permanent(format!(
                             "rule '{name}' needs exactly one of 'expr' or 'required'"
                         )));
                     }
                 };
-                let when = rule["when"]
-                    .as_str()
+                let when = rule
+                    .when
+                    .as_deref()
                     .map(|w| compile(&name, "when", w))
                     .transpose()?;
-                let message = rule["message"].as_str().map_or_else(
-                    || match (&check, rule["expr"].as_str()) {
-                        (Check::Required(field), _) => format!("'{field}' is required"),
-                        (_, Some(expr)) => format!("{expr} does not hold"),
-                        _ => "rule broken".to_owned(),
-                    },
-                    str::to_owned,
-                );
+                let message = rule.message.unwrap_or_else(|| match (&check, &rule.expr) {
+                    (Check::Required(field), _) => format!("'{field}' is required"),
+                    (_, Some(expr)) => format!("{expr} does not hold"),
+                    _ => "rule broken".to_owned(),
+                });
                 Ok(Rule {
                     name,
                     message,
@@ -154,8 +174,12 @@ plugin_api::export_plugin!("validate" => Validate::new);
 mod tests {
     use super::*;
 
+    fn new(config: Value) -> Result<Validate, TaskError> {
+        Validate::new(plugin_api::decode_config(config)?)
+    }
+
     fn run(config: Value, answers: Value) -> Result<Value, TaskError> {
-        Validate::new(config)?.run(&Input::new("f", "s", json!({ "answers": answers }), 1))
+        new(config)?.run(&Input::new("f", "s", json!({ "answers": answers }), 1))
     }
 
     #[test]
@@ -202,7 +226,7 @@ mod tests {
 
     #[test]
     fn a_syntax_error_is_a_config_error_naming_the_rule() {
-        let err = Validate::new(json!({"rules": [{"name": "broken", "expr": "a <= (b"}]}))
+        let err = new(json!({"rules": [{"name": "broken", "expr": "a <= (b"}]}))
             .err()
             .expect("refused");
         assert!(
@@ -210,5 +234,12 @@ mod tests {
             "{err}"
         );
         assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn a_config_of_the_wrong_shape_is_refused_naming_the_field() {
+        let err = new(json!({"rules": 5})).err().expect("refused");
+        assert!(err.message().contains("`rules`"), "{err}");
+        assert!(err.message().contains("expected a sequence"), "{err}");
     }
 }

@@ -83,6 +83,13 @@ pub fn main(args: HostArgs) -> ! {
                 version: library.version().into(),
                 api_version: library.api_version().into(),
                 tasks: library.tasks().map(str::to_owned).collect(),
+                schemas: library
+                    .tasks()
+                    .filter_map(|task| {
+                        let schema = library.config_schema(task)?;
+                        Some((task.to_owned(), schema.to_string()))
+                    })
+                    .collect(),
             });
             library
         }

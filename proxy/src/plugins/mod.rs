@@ -16,6 +16,7 @@
 pub mod files;
 pub mod host;
 mod inproc;
+pub mod schema;
 pub mod supervisor;
 mod wire;
 
@@ -83,6 +84,8 @@ pub struct LibraryInfo {
     pub api_version: String,
     /// The tasks it exports.
     pub tasks: Vec<String>,
+    /// The JSON Schema of each task's config, for the tasks that declare one.
+    pub schemas: std::collections::BTreeMap<String, serde_json::Value>,
     /// Its contents' SHA-256 (hex).
     pub sha256: String,
     /// Its quarantined tasks, with how many crashes put them there.

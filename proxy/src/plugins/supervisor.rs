@@ -489,6 +489,11 @@ impl Supervisor {
                 version: hello.version,
                 api_version: hello.api_version,
                 tasks: hello.tasks,
+                schemas: hello
+                    .schemas
+                    .into_iter()
+                    .filter_map(|(task, json)| Some((task, serde_json::from_str(&json).ok()?)))
+                    .collect(),
                 sha256: snapshot.sha256.clone(),
                 quarantined: Vec::new(),
             },

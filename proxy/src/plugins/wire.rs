@@ -28,6 +28,10 @@ pub struct Hello {
     /// The tasks it exports.
     #[prost(string, repeated, tag = "5")]
     pub tasks: Vec<String>,
+    /// The JSON Schema (JSON-encoded) of each task's config, for the tasks
+    /// that declare one.
+    #[prost(btree_map = "string, string", tag = "6")]
+    pub schemas: std::collections::BTreeMap<String, String>,
 }
 
 /// One run (creating the task instance first if the host has not yet).

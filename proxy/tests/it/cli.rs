@@ -135,3 +135,56 @@ fn plugin_list_shows_tasks_and_load_errors() {
         "{listed}"
     );
 }
+
+#[test]
+fn attach_checks_the_config_against_the_schema_the_plugin_declares() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("validate", "validate");
+    plugins.install("echo", "echo");
+    stdout(&daisy(&db, &plugins, &["migrate"]));
+    let form = Uuid::new_v4().to_string();
+    let attach = |module: &str, config: &str, extra: &[&str]| {
+        let mut args = vec![
+            "task", "attach", "--form", &form, "--name", module, "--module", module, "--func",
+            module, "--config", config,
+        ];
+        args.extend_from_slice(extra);
+        daisy(&db, &plugins, &args)
+    };
+
+    let refused = attach("validate", r#"{"rules": 5}"#, &[]);
+    assert!(
+        !refused.status.success(),
+        "a config of the wrong shape attached"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("`/rules`"), "{err}");
+    assert!(err.contains("\"array\""), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    let listed = stdout(&daisy(&db, &plugins, &["task", "list", "--form", &form]));
+    assert!(!listed.contains("validate::validate"), "{listed}");
+
+    // --force attaches anyway, with a warning.
+    let forced = attach("validate", r#"{"rules": 5}"#, &["--force"]);
+    stdout(&forced);
+    assert!(String::from_utf8_lossy(&forced.stderr).contains("attached anyway"));
+    // A config that fits is attached; a plugin that declares no schema
+    // (echo) accepts any config.
+    stdout(&attach(
+        "validate",
+        r#"{"rules": [{"name": "adult", "expr": "age >= 18"}]}"#,
+        &[],
+    ));
+    stdout(&attach("echo", r#"{"anything": [1, 2]}"#, &[]));
+
+    let shown = stdout(&daisy(&db, &plugins, &["plugin", "show", "validate"]));
+    assert!(shown.contains("task validate: config schema"), "{shown}");
+    assert!(shown.contains("\"rules\""), "{shown}");
+    assert!(
+        shown.contains("An expression over the answers that must be true"),
+        "{shown}"
+    );
+    let shown = stdout(&daisy(&db, &plugins, &["plugin", "show", "echo"]));
+    assert!(shown.contains("no config schema declared"), "{shown}");
+}
