@@ -614,12 +614,23 @@ impl Stack {
         form: Uuid,
         submission: serde_json::Value,
     ) -> (String, proto::v1::ProcessResponse) {
+        self.process_with(form, submission, None).await
+    }
+
+    /// Calls Process with a new submission id and `context`; returns the
+    /// submission id and the response.
+    pub async fn process_with(
+        &mut self,
+        form: Uuid,
+        submission: serde_json::Value,
+        context: Option<proto::v1::SubmissionContext>,
+    ) -> (String, proto::v1::ProcessResponse) {
         let submission_id = Uuid::new_v4().to_string();
         let request = proto::v1::ProcessRequest {
             form_id: form.to_string(),
             submission_id: submission_id.clone(),
             submission: Some(proto::json::json_to_struct(submission).expect("a JSON object")),
-            context: None,
+            context,
         };
         let response = self
             .client

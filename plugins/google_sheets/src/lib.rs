@@ -20,6 +20,8 @@ use std::{
 };
 
 use plugin_api::{Input, Task, TaskError, Value, json};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 const SCOPES: &str =
     "https://www.googleapis.com/auth/spreadsheets https://www.googleapis.com/auth/drive.file";
@@ -71,12 +73,55 @@ struct Answer {
     body: Value,
 }
 
+/// The task's config.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct Config {
+    /// The service account key file (JSON, as Google Cloud exports it).
+    pub credentials_file: String,
+    /// The spreadsheet to append to; without it, one spreadsheet per form
+    /// is created (and shared with the form's owners and `share_with`).
+    #[serde(default)]
+    pub spreadsheet_id: Option<String>,
+    /// The sheet (tab) the rows go to.
+    #[serde(default = "default_sheet")]
+    pub sheet: String,
+    /// Who a created spreadsheet is shared with, besides the form's owners.
+    #[serde(default)]
+    pub share_with: Vec<String>,
+    /// How long one request may take, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The OAuth token endpoint; the key file's `token_uri` if not given.
+    #[serde(default)]
+    pub token_url: Option<String>,
+    /// The Sheets API's base URL.
+    #[serde(default = "default_sheets_url")]
+    pub sheets_base_url: String,
+    /// The Drive API's base URL.
+    #[serde(default = "default_drive_url")]
+    pub drive_base_url: String,
+}
+
+fn default_sheet() -> String {
+    "Responses".into()
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_sheets_url() -> String {
+    "https://sheets.googleapis.com".into()
+}
+
+fn default_drive_url() -> String {
+    "https://www.googleapis.com".into()
+}
+
 impl GoogleSheets {
-    /// Config: see README.md.
-    pub fn new(config: Value) -> Result<Self, TaskError> {
-        let path = config["credentials_file"].as_str().ok_or_else(|| {
-            TaskError::permanent("config needs 'credentials_file' (a service account key file)")
-        })?;
+    /// Builds the task: reads the key file; see README.md for the config.
+    pub fn new(config: Config) -> Result<Self, TaskError> {
+        let path = &config.credentials_file;
         let text = std::fs::read_to_string(path)
             .map_err(|e| TaskError::permanent(format!("reading credentials file '{path}': {e}")))?;
         let account: ServiceAccount = plugin_api::serde_json::from_str(&text).map_err(|e| {
@@ -91,38 +136,21 @@ impl GoogleSheets {
                 ))
             },
         )?;
-        let url = |name: &str, default: &str| {
-            config[name]
-                .as_str()
-                .unwrap_or(default)
-                .trim_end_matches('/')
-                .to_owned()
-        };
-        let share_with = config["share_with"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let url = |url: &str| url.trim_end_matches('/').to_owned();
         Ok(GoogleSheets {
             agent: ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_millis(
-                    config["timeout_ms"].as_u64().unwrap_or(10_000),
-                )))
+                .timeout_global(Some(Duration::from_millis(config.timeout_ms)))
                 .http_status_as_error(false)
                 .build()
                 .into(),
             email: account.client_email,
             key,
-            token_url: url("token_url", &account.token_uri),
-            sheets_url: url("sheets_base_url", "https://sheets.googleapis.com"),
-            drive_url: url("drive_base_url", "https://www.googleapis.com"),
-            spreadsheet: config["spreadsheet_id"].as_str().map(str::to_owned),
-            sheet: config["sheet"].as_str().unwrap_or("Responses").to_owned(),
-            share_with,
+            token_url: url(config.token_url.as_deref().unwrap_or(&account.token_uri)),
+            sheets_url: url(&config.sheets_base_url),
+            drive_url: url(&config.drive_base_url),
+            spreadsheet: config.spreadsheet_id,
+            sheet: config.sheet,
+            share_with: config.share_with,
             token: Mutex::new(None),
             headers: Mutex::new(HashMap::new()),
             per_form: Mutex::new(HashMap::new()),
@@ -177,7 +205,10 @@ impl GoogleSheets {
     }
 
     /// The spreadsheet for `form`: configured, or created (once) per form.
-    fn spreadsheet(&self, form: &str) -> Result<String, TaskError> {
+    /// The form's spreadsheet: configured, found in Drive, or created and
+    /// shared with the form's `owners` (from the submission context) and
+    /// the configured `share_with`.
+    fn spreadsheet(&self, form: &str, owners: &[String]) -> Result<String, TaskError> {
         if let Some(id) = &self.spreadsheet {
             return Ok(id.clone());
         }
@@ -204,13 +235,18 @@ impl GoogleSheets {
         )?;
         let id = match found.body["files"][0]["id"].as_str() {
             Some(id) => id.to_owned(),
-            None => self.create_spreadsheet(form, &bearer)?,
+            None => self.create_spreadsheet(form, owners, &bearer)?,
         };
         per_form.insert(form.to_owned(), id.clone());
         Ok(id)
     }
 
-    fn create_spreadsheet(&self, form: &str, bearer: &str) -> Result<String, TaskError> {
+    fn create_spreadsheet(
+        &self,
+        form: &str,
+        owners: &[String],
+        bearer: &str,
+    ) -> Result<String, TaskError> {
         let created = check(
             "creating the form's spreadsheet",
             self.agent
@@ -226,7 +262,13 @@ impl GoogleSheets {
             .as_str()
             .ok_or_else(|| TaskError::retryable("Drive created a file without an id"))?
             .to_owned();
-        for email in &self.share_with {
+        let mut share_with: Vec<&String> = Vec::new();
+        for email in owners.iter().chain(&self.share_with) {
+            if !share_with.contains(&email) {
+                share_with.push(email);
+            }
+        }
+        for email in share_with {
             check(
                 &format!("sharing the spreadsheet with {email}"),
                 self.agent
@@ -385,7 +427,7 @@ impl Task for GoogleSheets {
         let answers = input.answers();
         let mut keys: Vec<String> = answers.keys().cloned().collect();
         keys.sort();
-        let spreadsheet = self.spreadsheet(&input.form_id)?;
+        let spreadsheet = self.spreadsheet(&input.form_id, &input.context.owner_emails)?;
         let header = self.header(&spreadsheet, &keys)?;
         let row: Vec<Value> = header
             .iter()

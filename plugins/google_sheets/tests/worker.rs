@@ -168,3 +168,48 @@ async fn without_a_spreadsheet_id_one_is_created_per_form_and_shared() {
     );
     let _ = std::fs::remove_file(creds);
 }
+
+#[tokio::test]
+async fn a_new_spreadsheet_is_shared_with_the_form_owners_from_the_submission_context() {
+    let (google, base) = fake_google(0).await;
+    let creds = credentials(EMAIL, &format!("{base}/token"));
+    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let form = Uuid::new_v4();
+    stack.attach(
+        form,
+        "sheet",
+        "google_sheets",
+        "append_row",
+        true,
+        &json!({
+            "credentials_file": creds, "share_with": ["ops@example.org", "owner@example.org"],
+            "sheets_base_url": base, "drive_base_url": base,
+        }),
+    );
+    let context = proto::v1::SubmissionContext {
+        organisation_id: "org-1".into(),
+        owner_emails: vec!["owner@example.org".into(), "second@example.org".into()],
+        ..Default::default()
+    };
+    let (submission, _) = stack
+        .process_with(form, json!({"answers": {"n": 1}}), Some(context))
+        .await;
+    let runs = stack.settled(&submission, Duration::from_secs(60)).await;
+    assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+    // An old client's submission (no context) to the same form later: the
+    // spreadsheet exists, nothing more is shared.
+    let (old_client, _) = stack.process(form, json!({"answers": {"n": 2}})).await;
+    let runs = stack.settled(&old_client, Duration::from_secs(60)).await;
+    assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+
+    let created = google.created.lock().expect("lock").clone();
+    assert_eq!(created.len(), 1, "{created:?}");
+    let (id, (_, shared)) = created.into_iter().next().expect("created");
+    // The owners first, then share_with; each address once.
+    assert_eq!(
+        shared,
+        ["owner@example.org", "second@example.org", "ops@example.org"]
+    );
+    assert_eq!(google.rows_of(&id).len(), 2);
+    let _ = std::fs::remove_file(creds);
+}

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 
 use plugin_api::{Input, Task, TaskError, Value, json};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// The lookup task.
 pub struct Slang {
@@ -16,62 +18,77 @@ pub struct Slang {
     dictionaries: HashMap<String, HashMap<String, String>>,
 }
 
-fn parse_dictionaries(
-    value: &Value,
-) -> Result<HashMap<String, HashMap<String, String>>, TaskError> {
-    let cities = value.as_object().ok_or_else(|| {
-        TaskError::permanent("dictionaries must be an object of city → {term: meaning}")
-    })?;
-    cities
-        .iter()
+/// City → term → meaning.
+type Dictionaries = HashMap<String, HashMap<String, String>>;
+
+/// The task's config.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct Config {
+    /// The answer holding the text to look in.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// The answer naming the city whose dictionary applies.
+    #[serde(default = "default_city_field")]
+    pub city_field: String,
+    /// The dictionaries inline: city → {term: meaning}.
+    #[serde(default)]
+    pub dictionaries: Option<Dictionaries>,
+    /// Or a JSON file holding them, read when the task is created.
+    #[serde(default)]
+    pub dictionary_file: Option<String>,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+
+fn default_city_field() -> String {
+    "city".into()
+}
+
+/// The dictionaries with cities and terms lower-cased.
+fn lowered(dictionaries: Dictionaries) -> Dictionaries {
+    dictionaries
+        .into_iter()
         .map(|(city, terms)| {
             let terms = terms
-                .as_object()
-                .ok_or_else(|| {
-                    TaskError::permanent(format!(
-                        "dictionary of '{city}' must be an object of term → meaning"
-                    ))
-                })?
-                .iter()
-                .map(|(term, meaning)| {
-                    let meaning = meaning.as_str().ok_or_else(|| {
-                        TaskError::permanent(format!(
-                            "meaning of '{term}' in '{city}' must be a string"
-                        ))
-                    })?;
-                    Ok((term.to_lowercase(), meaning.to_owned()))
-                })
-                .collect::<Result<_, TaskError>>()?;
-            Ok((city.to_lowercase(), terms))
+                .into_iter()
+                .map(|(term, meaning)| (term.to_lowercase(), meaning))
+                .collect();
+            (city.to_lowercase(), terms)
         })
         .collect()
 }
 
 impl Slang {
-    /// Config: `{"text_field", "city_field", "dictionaries" | "dictionary_file"}`.
-    pub fn new(config: Value) -> Result<Self, TaskError> {
-        let field = |name: &str, default: &str| config[name].as_str().unwrap_or(default).to_owned();
-        let dictionaries = match (&config["dictionaries"], config["dictionary_file"].as_str()) {
-            (Value::Null, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
+    /// Builds the task; the dictionaries come inline or from
+    /// `dictionary_file`.
+    pub fn new(config: Config) -> Result<Self, TaskError> {
+        let dictionaries = match (config.dictionaries, config.dictionary_file) {
+            (Some(inline), _) => inline,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
                     TaskError::permanent(format!("reading dictionary file '{path}': {e}"))
                 })?;
                 let value: Value = plugin_api::serde_json::from_str(&text).map_err(|e| {
                     TaskError::permanent(format!("dictionary file '{path}' is not JSON: {e}"))
                 })?;
-                parse_dictionaries(&value)?
+                plugin_api::decode_config(value).map_err(|e| {
+                    TaskError::permanent(format!(
+                        "dictionary file '{path}' is not city → {{term: meaning}}: {e}"
+                    ))
+                })?
             }
-            (Value::Null, None) => {
+            (None, None) => {
                 return Err(TaskError::permanent(
                     "config needs 'dictionaries' or 'dictionary_file'",
                 ));
             }
-            (inline, _) => parse_dictionaries(inline)?,
         };
         Ok(Slang {
-            text_field: field("text_field", "text"),
-            city_field: field("city_field", "city"),
-            dictionaries,
+            text_field: config.text_field,
+            city_field: config.city_field,
+            dictionaries: lowered(dictionaries),
         })
     }
 }
@@ -129,13 +146,13 @@ mod tests {
 
     #[test]
     fn finds_words_and_phrases_of_the_right_city_only() {
-        let task = Slang::new(json!({
+        let task = Slang::new(plugin_api::decode_config(json!({
             "text_field": "comment", "city_field": "city",
             "dictionaries": {
                 "Lagos": {"wahala": "trouble", "no wahala": "no problem", "japa": "to emigrate"},
                 "London": {"innit": "isn't it"},
             },
-        }))
+        })).expect("config"))
         .expect("config");
         let input = |comment: &str, city: &str| {
             Input::new(

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use plugin_api::{Input, Task, TaskError, Value, json};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// The SMS receipt task.
 pub struct Sms {
@@ -17,42 +19,75 @@ pub struct Sms {
     template: String,
 }
 
-/// A secret named by config: `<name>_env` (a variable) or `<name>_file`.
-fn secret(config: &Value, name: &str) -> Result<String, TaskError> {
-    if let Some(var) = config[format!("{name}_env")].as_str() {
-        return std::env::var(var).map_err(|_| {
-            TaskError::permanent(format!("environment variable {var} ({name}) is not set"))
-        });
+/// The task's config.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct Config {
+    /// The gateway account (Twilio's Account SID).
+    pub account_sid: String,
+    /// The sender: a number or an alphanumeric sender id.
+    pub from: String,
+    /// The text; `{answer}` placeholders are filled from the answers.
+    pub template: String,
+    /// The answer holding the customer's phone number.
+    #[serde(default = "default_phone_field")]
+    pub phone_field: String,
+    /// The gateway's base URL.
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// How long one request to the gateway may take, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The environment variable holding the auth token.
+    #[serde(default)]
+    pub auth_token_env: Option<String>,
+    /// Or the file holding it.
+    #[serde(default)]
+    pub auth_token_file: Option<String>,
+}
+
+fn default_phone_field() -> String {
+    "phone".into()
+}
+
+fn default_base_url() -> String {
+    "https://api.twilio.com".into()
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Config {
+    /// The auth token, from `auth_token_env` or `auth_token_file`.
+    fn auth_token(&self) -> Result<String, TaskError> {
+        if let Some(var) = &self.auth_token_env {
+            return std::env::var(var).map_err(|_| {
+                TaskError::permanent(format!(
+                    "environment variable {var} (auth_token) is not set"
+                ))
+            });
+        }
+        if let Some(path) = &self.auth_token_file {
+            return std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| {
+                    TaskError::permanent(format!("reading auth_token from '{path}': {e}"))
+                });
+        }
+        Err(TaskError::permanent(
+            "config needs 'auth_token_env' or 'auth_token_file'",
+        ))
     }
-    if let Some(path) = config[format!("{name}_file")].as_str() {
-        return std::fs::read_to_string(path)
-            .map(|s| s.trim().to_owned())
-            .map_err(|e| TaskError::permanent(format!("reading {name} from '{path}': {e}")));
-    }
-    Err(TaskError::permanent(format!(
-        "config needs '{name}_env' or '{name}_file'"
-    )))
 }
 
 impl Sms {
-    /// Config: see README.md.
-    pub fn new(config: Value) -> Result<Self, TaskError> {
-        let text = |name: &str| {
-            config[name]
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| TaskError::permanent(format!("config needs a string '{name}'")))
-        };
-        let base_url = config["base_url"]
-            .as_str()
-            .unwrap_or("https://api.twilio.com")
-            .trim_end_matches('/')
-            .to_owned();
-        let account = text("account_sid")?;
-        let token = secret(&config, "auth_token")?;
-        let timeout = Duration::from_millis(config["timeout_ms"].as_u64().unwrap_or(10_000));
+    /// Builds the task: see README.md for the config.
+    pub fn new(config: Config) -> Result<Self, TaskError> {
+        let token = config.auth_token()?;
+        let base_url = config.base_url.trim_end_matches('/');
+        let account = &config.account_sid;
         let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
+            .timeout_global(Some(Duration::from_millis(config.timeout_ms)))
             .http_status_as_error(false)
             .build()
             .into();
@@ -62,9 +97,9 @@ impl Sms {
             agent,
             messages_url: format!("{base_url}/2010-04-01/Accounts/{account}/Messages.json"),
             authorization: format!("Basic {credentials}"),
-            from: text("from")?,
-            phone_field: config["phone_field"].as_str().unwrap_or("phone").to_owned(),
-            template: text("template")?,
+            from: config.from,
+            phone_field: config.phone_field,
+            template: config.template,
         })
     }
 }
