@@ -23,6 +23,7 @@ pub mod outbox;
 pub mod plugins;
 pub mod queue;
 pub mod registry;
+pub mod scaffold;
 pub mod server;
 pub mod worker;
 

@@ -423,6 +423,19 @@ enum PluginCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Start a new plugin: a crate with one task, a typed config, unit tests
+    /// and a README, outside any workspace.
+    New {
+        /// The crate's name (its library is lib<name>.so, `-` read as `_`).
+        name: String,
+        /// The directory to create it in (new, or empty).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The plugin-api to build against: a crate directory, or a version;
+        /// the plugin-api this Daisy was built from if not given.
+        #[arg(long)]
+        plugin_api: Option<String>,
+    },
     /// Show one plugin library: its tasks and the JSON Schema each declares
     /// for its config.
     Show {
@@ -556,6 +569,19 @@ fn try_main() -> anyhow::Result<()> {
         Command::Task(command) => task(command),
         Command::Plugin(PluginCommand::List { plugins, db }) => {
             plugin_list(&plugins.plugins_dir, &db)
+        }
+        Command::Plugin(PluginCommand::New {
+            name,
+            dir,
+            plugin_api,
+        }) => {
+            let module = proxy::scaffold::new_plugin(&name, &dir, plugin_api.as_deref())?;
+            println!(
+                "created plugin '{name}' in {}: `cargo build --release` there, then drop target/release/{} into the plugins directory and attach its task `greet` (module {module})",
+                dir.display(),
+                proxy::plugins::library_file_name(&module)
+            );
+            Ok(())
         }
         Command::Plugin(PluginCommand::Show { module, plugins }) => {
             plugin_show(&plugins.plugins_dir, &module)

@@ -227,3 +227,96 @@ async fn a_plugin_built_against_the_previous_minor_still_loads_and_runs() {
     }
     assert_eq!(plugin_api::INTERFACE_VERSION, "1.1.0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaffolded_plugin_builds_outside_the_workspace_drops_in_and_runs() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crate_dir = dir.path().join("greeter");
+    let daisy = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_daisy"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("DAISY_PLUGINS_DIR", plugins.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running daisy");
+        assert!(
+            output.status.success(),
+            "daisy {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let created = daisy(&[
+        "plugin",
+        "new",
+        "greeter",
+        "--dir",
+        crate_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(created.contains("libgreeter.so"), "{created}");
+
+    // Built as its author would, outside the workspace (the target directory
+    // is shared between runs only to save compile time).
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/scaffold");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--release"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("running cargo");
+    assert!(
+        built.status.success(),
+        "cargo build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let library = target
+        .join("release")
+        .join(test_support::library_file_name("greeter"));
+    let staged = plugins.path().join(".libgreeter.so.tmp");
+    std::fs::copy(&library, &staged).expect("copying the library");
+    std::fs::rename(&staged, plugins.module_path("greeter")).expect("dropping it in");
+
+    daisy(&["migrate"]);
+    let form = Uuid::new_v4();
+    let form_arg = form.to_string();
+    let attach = |config: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_daisy"))
+            .args([
+                "task", "attach", "--form", &form_arg, "--name", "greet", "--module", "greeter",
+                "--func", "greet", "--config", config,
+            ])
+            .env("DATABASE_URL", &db.url)
+            .env("DAISY_PLUGINS_DIR", plugins.path())
+            .output()
+            .expect("running daisy")
+    };
+    // Its declared config is enforced at attach time.
+    let refused = attach(r#"{"field": 5}"#);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("`/field`"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let attached = attach(r#"{"field": "name", "greeting": "Hi"}"#);
+    assert!(
+        attached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attached.stderr)
+    );
+
+    let server = TestServer::start(&db.url, plugins.path()).await;
+    let mut client = server.client().await;
+    let response = process(&mut client, form, json!({"answers": {"name": "Ada"}})).await;
+    let greet = result(&response, "greet");
+    assert_eq!(greet.outcome(), Outcome::Succeeded, "{greet:?}");
+    assert_eq!(
+        to_json(greet.output.as_ref().expect("output"))["greeting"],
+        "Hi, Ada!"
+    );
+}
