@@ -143,3 +143,29 @@ async fn merge(response: Response<Body>, outcome: serde_json::Value) -> Response
         None => Response::from_parts(parts, Body::from(bytes)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handlers_context_wins_and_the_request_fills_its_gaps() {
+        let handler = SubmissionContext {
+            owner_emails: vec!["owner@example.org".into()],
+            ..SubmissionContext::default()
+        };
+        let request = SubmissionContext {
+            owner_emails: vec!["ignored@example.org".into()],
+            submitter: "ada@example.org".into(),
+            locale: "en-GB".into(),
+            ..SubmissionContext::default()
+        };
+        let merged = merge_context(Some(handler.clone()), Some(request.clone())).expect("some");
+        assert_eq!(merged.owner_emails, ["owner@example.org"]);
+        assert_eq!(merged.submitter, "ada@example.org");
+        assert_eq!(merged.locale, "en-GB");
+        assert_eq!(merge_context(None, Some(request.clone())), Some(request));
+        assert_eq!(merge_context(Some(handler.clone()), None), Some(handler));
+        assert_eq!(merge_context(None, None), None);
+    }
+}

@@ -16,6 +16,7 @@ use axum::{
 use http_body_util::BodyExt;
 use post_submission::{
     DaisyClient, PendingStore, PostSubmission, PostSubmissionLayer, Resend, StoreFuture, Stored,
+    SubmissionContext,
 };
 use serde_json::{Value, json};
 use test_support::{Daisy, PluginsDir, TestDb, TestQueue, free_port};
@@ -214,6 +215,46 @@ async fn results_are_merged_into_the_handlers_json_response() {
         store.pending_ids().is_empty(),
         "marked done once Daisy accepted it"
     );
+}
+
+#[tokio::test]
+async fn the_submission_context_from_a_request_extension_reaches_the_tasks() {
+    let backend = Backend::new("seen", json!({}));
+    let addr = free_port();
+    let _daisy = backend.serve_at(addr);
+    wait_until_served(addr).await;
+    let store = MemStore::default();
+    let client = DaisyClient::connect_lazy(&format!("http://{addr}"), Duration::from_secs(5))
+        .expect("client");
+    // What a backend's authentication middleware knows about the submitter.
+    let app = app(PostSubmission::new(client, store.clone()), store.clone()).layer(
+        axum::middleware::from_fn(
+            |mut request: axum::extract::Request, next: axum::middleware::Next| async move {
+                request.extensions_mut().insert(SubmissionContext {
+                    organisation_id: "org-9".into(),
+                    owner_emails: vec!["owner@example.org".into()],
+                    submitter: "ada@example.org".into(),
+                    locale: "fr-FR".into(),
+                });
+                next.run(request).await
+            },
+        ),
+    );
+
+    let (status, body) = call(&app, backend.form, json!({"name": "Ada"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let seen = &body["post_submission"]["results"][0]["output"];
+    assert_eq!(
+        seen["context"],
+        json!({
+            "organisation_id": "org-9",
+            "owner_emails": ["owner@example.org"],
+            "submitter": "ada@example.org",
+            "locale": "fr-FR",
+        }),
+        "{body}"
+    );
+    assert_eq!(seen["submission_id"], body["id"]);
 }
 
 #[tokio::test]

@@ -333,3 +333,75 @@ async fn a_submission_whose_task_crashes_its_plugin_host_blocks_no_other() {
     let mut serve = serve;
     assert!(!serve.exited(), "daisy serve died");
 }
+
+#[tokio::test]
+async fn the_forms_owner_and_the_submitters_locale_reach_daisys_tasks() {
+    let (daisy_db, plugins, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
+    plugins.install("testkit", "testkit");
+    let daisy_addr = free_port();
+    let _serve = Daisy::serve_at(
+        daisy_addr,
+        &daisy_db.url,
+        plugins.path(),
+        &queue,
+        &queue.url,
+    );
+    let collect = Collect::new(daisy_addr, Duration::from_secs(5));
+    let form = json!({
+        "title": "Owned", "owner_email": "owner@example.org",
+        "questions": [{"key": "name", "label": "Name", "kind": "text", "required": true}],
+    });
+    let (status, body) = collect
+        .call("POST", "/forms", Some(&form.to_string()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["owner_email"], "owner@example.org");
+    let form: Uuid = body["id"].as_str().expect("id").parse().expect("uuid");
+    daisy_db.execute(&format!(
+        "INSERT INTO tasks (id, form_id, name, module, func, async_status) VALUES \
+         (gen_random_uuid(), '{form}', 'seen', 'testkit', 'seen', false)"
+    ));
+    let bad = json!({"title": "x", "owner_email": "not an address", "questions": []});
+    let (status, body) = collect.call("POST", "/forms", Some(&bad.to_string())).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("owner_email"), "{body}");
+
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(daisy_addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "daisy did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let request = Request::post(format!("/forms/{form}/submit"))
+        .header("content-type", "application/json")
+        .header("accept-language", "fr-FR,fr;q=0.9,en;q=0.5")
+        .body(Body::from(json!({"answers": {"name": "Ada"}}).to_string()))
+        .expect("request");
+    let response = collect
+        .app
+        .clone()
+        .oneshot(request)
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(body["post_submission"]["status"], "done", "{body}");
+    assert_eq!(
+        body["post_submission"]["results"][0]["output"]["context"],
+        json!({
+            "organisation_id": "",
+            "owner_emails": ["owner@example.org"],
+            "submitter": "",
+            "locale": "fr-FR",
+        }),
+        "{body}"
+    );
+}
