@@ -52,9 +52,10 @@ bench-quick: ## every load scenario for a few seconds, to check the harness work
 	$(CARGO) build --release --workspace
 	target/release/daisy-bench --quick
 
-lint: ## rustfmt and clippy, warnings as errors
+lint: ## rustfmt, clippy and plugin-api's docs, warnings as errors
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p plugin-api --no-deps
 
 check-schema: ## diesel CLI: migration run, redo and print-schema match the committed schema
 	scripts/check-schema.sh

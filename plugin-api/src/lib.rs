@@ -35,13 +35,35 @@
 //! - [`host`]: loading a library and running its tasks, used by Daisy itself.
 //!
 //! # Versioning
-//! The interface version is this crate's version. A library is accepted when
-//! it was built against the same major version (for `0.x`, the same minor).
-//! Within a version, the root module ([`ffi::PluginMod`]) may only grow new
-//! fields after its `#[sabi(last_prefix_field)]` field; anything else (removing
-//! or changing a field, a new [`ffi::ErrorKind`] variant) needs a new major
-//! (for `0.x`, minor) version. abi_stable also checks the layout of every type
-//! that crosses the boundary when a library is loaded.
+//! The interface version is this crate's version ([`INTERFACE_VERSION`]).
+//! The rules, which the tests hold Daisy to:
+//!
+//! - **Same major: loaded.** Daisy loads a library built against any minor of
+//!   its own major version, older or newer. A library built against another
+//!   major is refused with an error naming both versions.
+//! - **A minor may only add.** The root module ([`ffi::PluginMod`]) and the
+//!   task vtable ([`ffi::TaskBase`]) grow new fields and methods after their
+//!   `#[sabi(last_prefix_field)]`; the attribute never moves, and existing
+//!   fields, methods and types ([`ffi::FfiInput`], [`ffi::FfiError`],
+//!   [`ffi::ErrorKind`]) never change. New input travels beside the old
+//!   ([`ffi::FfiRunMore`], since 1.1).
+//! - **An older minor keeps its layout in the host.** abi_stable refuses a
+//!   library whose prefix types have fewer fields than the loader expects, so
+//!   each older minor's root module and vtable stay here, frozen ([`ffi::v1_0`]),
+//!   and [`host::Library::load`] picks the layout by the library's version. A
+//!   1.0 plugin sees no run id and an empty context.
+//! - **Anything else is a new major**: removing or changing a field, a new
+//!   [`ffi::ErrorKind`] variant, another meaning for an existing field.
+//!
+//! abi_stable also checks the layout of every type that crosses the boundary
+//! when a library is loaded, so a mismatched build is refused, never run.
+//! The workspace keeps a plugin built against 1.0 (`plugins/testkit-old-minor`,
+//! against a frozen copy of plugin-api 1.0.0) to prove the first rule.
+//!
+//! | version | added |
+//! |---|---|
+//! | 1.0 | tasks, typed errors with Retry-After, panics caught |
+//! | 1.1 | [`Input::run_id`], [`Input::context`], typed configs with a JSON Schema ([`export_plugin!`]) |
 
 pub mod ffi;
 pub mod host;
@@ -52,6 +74,11 @@ pub use schemars;
 pub use serde_json::{self, Value, json};
 
 /// The version of this interface, compiled into every plugin and into Daisy.
+///
+/// ```
+/// let major = plugin_api::INTERFACE_VERSION.split('.').next();
+/// assert_eq!(major, Some("1"));
+/// ```
 pub const INTERFACE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What a task gets on each run.
@@ -188,13 +215,50 @@ impl Input {
 /// A task: built once from its configuration, then run many times.
 ///
 /// `run` is called from several threads at once, hence `Send + Sync`; keep
-/// clients and caches in `self` behind the usual synchronisation.
+/// clients and caches in `self` behind the usual synchronisation. It may
+/// block (plugin code runs on threads of its own), but must answer within
+/// the task's `timeout_ms`: a run past it fails as timed out, and a plugin
+/// host whose run overstays is recycled.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use plugin_api::{Input, Task, TaskError, Value, json};
+///
+/// /// Counts the runs it served.
+/// struct Counter(AtomicU64);
+///
+/// impl Task for Counter {
+///     fn run(&self, _input: &Input) -> Result<Value, TaskError> {
+///         Ok(json!({ "served": self.0.fetch_add(1, Ordering::Relaxed) + 1 }))
+///     }
+/// }
+///
+/// let task = Counter(AtomicU64::new(0));
+/// let input = Input::new("form", "submission", json!({}), 1);
+/// assert_eq!(task.run(&input).unwrap()["served"], 1);
+/// ```
 pub trait Task: Send + Sync + 'static {
     /// Runs the task on one submission.
     fn run(&self, input: &Input) -> Result<Value, TaskError>;
 }
 
 /// Why a task failed, and whether running it again may help.
+///
+/// A synchronous task's error goes back in the `Process` response. An
+/// asynchronous run that fails retryably is run again with backoff (no
+/// sooner than its Retry-After) until its `max_attempts`; a permanent error
+/// ends it `DEAD` at once.
+///
+/// ```
+/// use std::time::Duration;
+/// use plugin_api::TaskError;
+///
+/// let busy = TaskError::retryable("the API answered 503")
+///     .with_retry_after(Duration::from_secs(30));
+/// assert!(busy.is_retryable());
+/// let bad = TaskError::permanent("no phone number in the answers");
+/// assert!(!bad.is_retryable());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {
     message: String,
@@ -204,6 +268,10 @@ pub struct TaskError {
 
 impl TaskError {
     /// A failure that a later attempt may not hit (a timeout, a 503, a rate limit).
+    ///
+    /// ```
+    /// assert!(plugin_api::TaskError::retryable("timed out").is_retryable());
+    /// ```
     pub fn retryable(message: impl fmt::Display) -> Self {
         TaskError {
             message: message.to_string(),
@@ -213,18 +281,33 @@ impl TaskError {
     }
 
     /// The earliest time a retry makes sense, e.g. an API's `Retry-After`;
-    /// the worker waits at least this long (or its own backoff, if longer).
+    /// the worker waits at least this long (or its own backoff, if longer),
+    /// capped by its `--retry-max`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let err = plugin_api::TaskError::retryable("429").with_retry_after(Duration::from_secs(5));
+    /// assert_eq!(err.retry_after(), Some(Duration::from_secs(5)));
+    /// ```
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
         self
     }
 
     /// The wait asked for by [`TaskError::with_retry_after`].
+    ///
+    /// ```
+    /// assert_eq!(plugin_api::TaskError::retryable("x").retry_after(), None);
+    /// ```
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }
 
     /// A failure that will happen again on the same input (bad config, a rule broken).
+    ///
+    /// ```
+    /// assert!(!plugin_api::TaskError::permanent("rule 7 broken").is_retryable());
+    /// ```
     pub fn permanent(message: impl fmt::Display) -> Self {
         TaskError {
             message: message.to_string(),
@@ -234,17 +317,31 @@ impl TaskError {
     }
 
     /// What went wrong.
+    ///
+    /// ```
+    /// assert_eq!(plugin_api::TaskError::permanent("bad").message(), "bad");
+    /// ```
     pub fn message(&self) -> &str {
         &self.message
     }
 
     /// Whether a retry may help.
+    ///
+    /// ```
+    /// assert!(plugin_api::TaskError::retryable("503").is_retryable());
+    /// ```
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
 }
 
 /// Parses an HTTP `Retry-After` value: delay-seconds or an HTTP date.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(plugin_api::parse_retry_after("120"), Some(Duration::from_secs(120)));
+/// assert_eq!(plugin_api::parse_retry_after("soon"), None);
+/// ```
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     value
