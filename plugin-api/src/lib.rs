@@ -282,7 +282,7 @@ impl TaskError {
 
     /// The earliest time a retry makes sense, e.g. an API's `Retry-After`;
     /// the worker waits at least this long (or its own backoff, if longer),
-    /// capped by its `--retry-max`.
+    /// capped by its `--retry-max-ms`.
     ///
     /// ```
     /// use std::time::Duration;
