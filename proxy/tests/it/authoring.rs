@@ -180,19 +180,6 @@ async fn the_run_id_is_the_same_on_a_redelivery_after_a_worker_kill() {
     assert_eq!(applied, [effects.path().join(&run_id)]);
 }
 
-/// A fixture library built outside the workspace (`make fixtures`).
-fn fixture(lib: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/fixtures/debug")
-        .join(test_support::library_file_name(lib));
-    assert!(
-        path.exists(),
-        "{} is missing: `make fixtures` builds it (`make test` does)",
-        path.display()
-    );
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_built_against_the_previous_minor_still_loads_and_runs() {
     let db = TestDb::new();

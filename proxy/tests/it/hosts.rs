@@ -2,7 +2,6 @@
 //! plugin can take Daisy down, wedge it, or read its secrets.
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -16,19 +15,6 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::util::*;
-
-/// A fixture library built outside the workspace (`make fixtures`).
-fn fixture(lib: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/fixtures/debug")
-        .join(test_support::library_file_name(lib));
-    assert!(
-        path.exists(),
-        "{} is missing: `make fixtures` builds it (`make test` does)",
-        path.display()
-    );
-    path
-}
 
 fn task(
     form: Uuid,

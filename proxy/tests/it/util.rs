@@ -295,3 +295,16 @@ pub fn result<'a>(response: &'a ProcessResponse, name: &str) -> &'a TaskResult {
         .find(|r| r.name == name)
         .unwrap_or_else(|| panic!("no result for task '{name}' in {response:?}"))
 }
+
+/// A fixture library built outside the workspace (`make fixtures`).
+pub fn fixture(lib: &str) -> std::path::PathBuf {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/fixtures/debug")
+        .join(test_support::library_file_name(lib));
+    assert!(
+        path.exists(),
+        "{} is missing: `make fixtures` builds it (`make test` does)",
+        path.display()
+    );
+    path
+}
