@@ -86,6 +86,9 @@ impl Default for State {
 
 impl State {
     fn apply(&self, change: Change) {
+        if change == Change::Keys {
+            return;
+        }
         let mut forms = self.forms.lock().expect("catalog lock poisoned");
         self.epoch.fetch_add(1, Ordering::SeqCst);
         match change {
@@ -97,6 +100,7 @@ impl State {
                 self.listening.store(true, Ordering::SeqCst);
             }
             Change::Lost => self.listening.store(false, Ordering::SeqCst),
+            Change::Keys => {}
         }
     }
 }

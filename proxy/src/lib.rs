@@ -14,6 +14,7 @@
 //! - [`batch`]: group commit of concurrent callers' database writes.
 //! - [`error`]: the error types.
 
+pub mod auth;
 pub mod batch;
 pub mod catalog;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod plugins;
 pub mod queue;
 pub mod registry;
 pub mod scaffold;
+pub mod security;
 pub mod server;
 pub mod worker;
 
@@ -64,6 +66,8 @@ pub struct Config {
     /// Delete finished runs and their submissions older than this,
     /// continuously; `None` keeps everything.
     pub retain: Option<std::time::Duration>,
+    /// TLS, API keys and reflection.
+    pub security: security::Security,
 }
 
 /// Which synchronous runs `Process` records in `task_runs` (asynchronous

@@ -45,6 +45,9 @@ enum Command {
     /// Inspect the plugins directory.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Run one plugin library's code for serve or worker (started by them).
     #[command(hide = true)]
     PluginHost {
@@ -307,9 +310,29 @@ struct PluginsArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on. Anything but loopback needs TLS and API keys
+    /// (or --insecure).
     #[arg(long, env = "DAISY_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
+    /// The TLS certificate chain (PEM); with --tls-key, serves TLS only.
+    #[arg(long, env = "DAISY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, env = "DAISY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates chaining to this CA (PEM): mutual TLS.
+    #[arg(long, env = "DAISY_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// `token`: every call needs `authorization: Bearer <API key>`; `none`:
+    /// no keys. Default: none on a loopback address, token anywhere else.
+    #[arg(long, env = "DAISY_AUTH", value_enum)]
+    auth: Option<proxy::auth::AuthMode>,
+    /// Serve a non-loopback address without TLS or without API keys.
+    #[arg(long, env = "DAISY_INSECURE")]
+    insecure: bool,
+    /// Serve gRPC reflection on a non-loopback address too (it always is on loopback).
+    #[arg(long, env = "DAISY_REFLECTION")]
+    reflection: bool,
     #[command(flatten)]
     db: DbArgs,
     #[command(flatten)]
@@ -408,6 +431,43 @@ enum TaskCommand {
     Detach {
         /// The task's id.
         id: Uuid,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key and print its token, once, on the last line of stdout.
+    Create {
+        /// A unique name for the key (who holds it).
+        #[arg(long)]
+        name: String,
+        /// A form the key may use (repeat for several).
+        #[arg(
+            long = "form",
+            required_unless_present_any = ["all_forms", "admin"],
+            conflicts_with = "all_forms"
+        )]
+        forms: Vec<Uuid>,
+        /// The key may use every form.
+        #[arg(long)]
+        all_forms: bool,
+        /// An admin key: every form, `runs retry`, the console.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List the keys: names, scopes and last use, never tokens.
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Revoke a key; every running serve stops accepting it within a second.
+    Revoke {
+        /// The key's name.
+        name: String,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -567,6 +627,7 @@ fn try_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Task(command) => task(command),
+        Command::Key(command) => key(command),
         Command::Plugin(PluginCommand::List { plugins, db }) => {
             plugin_list(&plugins.plugins_dir, &db)
         }
@@ -614,6 +675,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.addr)
             .await
             .with_context(|| format!("listening on {}", args.addr))?;
+        let security = proxy::security::decide(
+            listener.local_addr()?,
+            proxy::security::Requested {
+                auth: args.auth,
+                tls: args
+                    .tls_cert
+                    .zip(args.tls_key)
+                    .map(|(cert, key)| proxy::security::TlsFiles {
+                        cert,
+                        key,
+                        client_ca: args.client_ca,
+                    }),
+                reflection: args.reflection,
+                insecure: args.insecure,
+            },
+        )
+        .map_err(|refusal| anyhow::anyhow!(refusal))?;
         let config = Config {
             db: args.db.config(),
             hosts: args.hosts.config()?,
@@ -633,6 +711,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             sync_run_log: args.sync_run_log,
             retain: (args.retain_days > 0)
                 .then(|| Duration::from_secs(args.retain_days.saturating_mul(86_400))),
+            security,
         };
         proxy::run(listener, config, shutdown_signal()).await
     })
@@ -648,6 +727,76 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down: finishing in-flight calls");
+}
+
+fn key(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Create {
+            name,
+            forms,
+            all_forms,
+            admin,
+            db,
+        } => {
+            anyhow::ensure!(
+                !name.trim().is_empty() && name.len() <= 100,
+                "--name must be 1 to 100 characters"
+            );
+            let token = proxy::auth::new_token().context("drawing a random token")?;
+            Registry::new(&db.config())
+                .create_key(&proxy::registry::NewKey {
+                    name: &name,
+                    token_sha256: &proxy::auth::token_hash(&token),
+                    forms: (!all_forms && !admin).then_some(forms.as_slice()),
+                    admin,
+                })
+                .with_context(|| format!("creating key '{name}' (is the name taken?)"))?;
+            eprintln!("created key '{name}'; its token follows, shown this once:");
+            println!("{token}");
+            Ok(())
+        }
+        KeyCommand::List { db } => {
+            let keys = Registry::new(&db.config()).keys().context("listing keys")?;
+            println!(
+                "{:<24}  {:<6}  {:<20}  {:<20}  {:<20}  FORMS",
+                "NAME", "ADMIN", "CREATED", "LAST USED", "REVOKED"
+            );
+            let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map_or_else(
+                    || "-".to_owned(),
+                    |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+                )
+            };
+            for k in keys {
+                let forms = match &k.forms {
+                    None => "all".to_owned(),
+                    Some(forms) => forms
+                        .iter()
+                        .flatten()
+                        .map(Uuid::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                };
+                println!(
+                    "{:<24}  {:<6}  {:<20}  {:<20}  {:<20}  {forms}",
+                    k.name,
+                    k.admin,
+                    when(Some(k.created_at)),
+                    when(k.last_used_at),
+                    when(k.revoked_at),
+                );
+            }
+            Ok(())
+        }
+        KeyCommand::Revoke { name, db } => {
+            let revoked = Registry::new(&db.config())
+                .revoke_key(&name)
+                .context("revoking the key")?;
+            anyhow::ensure!(revoked, "no active key named '{name}'");
+            println!("revoked key '{name}'");
+            Ok(())
+        }
+    }
 }
 
 fn task(command: TaskCommand) -> anyhow::Result<()> {

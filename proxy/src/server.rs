@@ -6,8 +6,11 @@ use proto::v1::post_sub_proxy_server::PostSubProxyServer;
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 
+use anyhow::Context;
+
 use crate::{
     Config,
+    auth::{AuthMode, Keys},
     catalog::Catalog,
     executor::Executor,
     grpc::{Service, edge_statuses},
@@ -39,11 +42,23 @@ pub async fn run(
         config.hosts.clone(),
         config.isolation,
     )?);
+    let keys = match config.security.auth {
+        AuthMode::Token => Some(Arc::new(
+            Keys::load(registry.clone()).context("loading the API keys")?,
+        )),
+        AuthMode::None => None,
+    };
     let catalog = Arc::new(Catalog::start(registry.clone(), {
-        let plugins = plugins.clone();
+        let (plugins, keys) = (plugins.clone(), keys.clone());
         move |change| {
             if let Change::Form(form) = change {
                 plugins.forget_form(form);
+            }
+            // A revoked key stops working within the listener's poll.
+            if let (Change::Keys | Change::Reset, Some(keys)) = (change, &keys) {
+                if let Err(err) = keys.reload() {
+                    tracing::warn!(error = %err, "reloading the API keys failed; the last ones known stay in force");
+                }
             }
         }
     }));
@@ -81,7 +96,8 @@ pub async fn run(
             run_log,
             config.sync_run_log,
         )
-        .with_limits(config.limits),
+        .with_limits(config.limits)
+        .with_keys_if(keys),
     )
     .max_decoding_message_size(config.max_request_bytes);
 
@@ -99,6 +115,10 @@ pub async fn run(
     tracing::info!(
         addr = %listener.local_addr()?,
         plugins.dir = %config.plugins_dir.display(),
+        tls = config.security.tls.is_some(),
+        mutual_tls = config.security.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        auth = ?config.security.auth,
+        reflection = config.security.reflection,
         "daisy serving"
     );
     // Small HTTP/2 frames go out at once: without TCP_NODELAY, Nagle's
@@ -108,7 +128,18 @@ pub async fn run(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.security.tls {
+        server = server
+            .tls_config(tls.server_config()?)
+            .context("configuring TLS")?;
+    }
+    let (reflection, reflection_alpha) = if config.security.reflection {
+        (Some(reflection), Some(reflection_alpha))
+    } else {
+        (None, None)
+    };
+    server
         // Bounds per connection, so that one client cannot hold the server:
         // streams (calls) at once, calls being served at once, and how long
         // one call may take (longer than any task's timeout should be).
@@ -121,8 +152,8 @@ pub async fn run(
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .layer(tower::util::MapResponseLayer::new(edge_statuses))
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
+        .add_optional_service(reflection)
+        .add_optional_service(reflection_alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

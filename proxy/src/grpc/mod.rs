@@ -24,6 +24,7 @@ use self::limits::Refusal;
 
 use crate::{
     SyncRunLog,
+    auth::{Key, Keys},
     catalog::Catalog,
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
@@ -42,6 +43,8 @@ pub struct Service {
     run_log: RunLog,
     sync_run_log: SyncRunLog,
     limits: Limits,
+    /// The API keys calls must carry; `None`: no authentication.
+    keys: Option<Arc<Keys>>,
 }
 
 impl Service {
@@ -68,6 +71,7 @@ impl Service {
             run_log,
             sync_run_log,
             limits: Limits::default(),
+            keys: None,
         }
     }
 
@@ -75,6 +79,28 @@ impl Service {
     pub fn with_limits(mut self, limits: Limits) -> Service {
         self.limits = limits;
         self
+    }
+
+    /// The same service, requiring every call to carry one of `keys`.
+    pub fn with_keys(mut self, keys: Arc<Keys>) -> Service {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The same service, requiring API keys if `keys` is given.
+    pub fn with_keys_if(self, keys: Option<Arc<Keys>>) -> Service {
+        match keys {
+            Some(keys) => self.with_keys(keys),
+            None => self,
+        }
+    }
+
+    /// The call's API key, when the service requires one.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<Arc<Key>>, Status> {
+        self.keys
+            .as_ref()
+            .map(|keys| keys.authenticate(request.metadata()))
+            .transpose()
     }
 }
 
@@ -112,11 +138,15 @@ impl PostSubProxy for Service {
         &self,
         request: Request<ProcessRequest>,
     ) -> Result<Response<ProcessResponse>, Status> {
+        let key = self.authenticate(&request)?;
         let request = request.into_inner();
         let span = tracing::Span::current();
         span.record("form.id", request.form_id.as_str());
         span.record("submission.id", request.submission_id.as_str());
         let form = parse_uuid("form_id", &request.form_id)?;
+        if let Some(key) = key.filter(|key| !key.may_use(form)) {
+            return Err(key.denied(form));
+        }
         let submission_id = parse_uuid("submission_id", &request.submission_id)?;
         let submission = request
             .submission
@@ -258,6 +288,7 @@ impl PostSubProxy for Service {
         &self,
         request: Request<GetRunsRequest>,
     ) -> Result<Response<GetRunsResponse>, Status> {
+        let key = self.authenticate(&request)?;
         let request = request.into_inner();
         tracing::Span::current().record("submission.id", request.submission_id.as_str());
         let submission = parse_uuid("submission_id", &request.submission_id)?;
@@ -267,6 +298,12 @@ impl PostSubProxy for Service {
             .expect("run query panicked")
             .map_err(Box::new)
             .map_err(registry_status)?;
+        // A submission of a form the key may not use is not shown.
+        if let Some(key) = key {
+            if let Some(run) = runs.iter().find(|run| !key.may_use(run.form_id)) {
+                return Err(key.denied(run.form_id));
+            }
+        }
         let runs = runs
             .into_iter()
             .map(|run| PbRun {

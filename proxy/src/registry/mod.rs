@@ -4,9 +4,12 @@
 //! used by the server and the CLI, and the blocking LISTEN loop that reports
 //! changes to a form's tasks (see `migrations/` for the trigger).
 
+mod keys;
 mod retention;
 mod runs;
 mod schema;
+
+pub use keys::{NewKey, StoredKey};
 
 pub use runs::{
     Acceptance, Accepted, Attempt, ClaimRequest, Claimed, DeadLetter, Finish, Replay, Run,
@@ -39,6 +42,8 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
 
 /// The NOTIFY channel the `tasks` trigger announces changes on.
 const CHANNEL: &str = "daisy_tasks";
+/// The NOTIFY channel the `api_keys` trigger announces changes on.
+const KEYS_CHANNEL: &str = "daisy_keys";
 
 /// One task attached to a form: a row of `tasks`.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
@@ -331,6 +336,8 @@ pub enum Change {
     Lost,
     /// The tasks of this form changed.
     Form(Uuid),
+    /// The API keys changed (one was created or revoked).
+    Keys,
 }
 
 /// How often the listener polls its connection for notifications. Polling is
@@ -346,12 +353,17 @@ fn listen_once(
 ) -> Result<(), RegistryError> {
     let mut conn = PgConnection::establish(url).map_err(RegistryError::Connect)?;
     diesel::sql_query(format!("LISTEN {CHANNEL}")).execute(&mut conn)?;
+    diesel::sql_query(format!("LISTEN {KEYS_CHANNEL}")).execute(&mut conn)?;
     tracing::debug!("listening for task changes");
     on_event(Change::Reset);
     let mut last_heartbeat = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         for notification in conn.notifications_iter() {
             let notification = notification?;
+            if notification.channel == KEYS_CHANNEL {
+                on_event(Change::Keys);
+                continue;
+            }
             match notification.payload.parse::<Uuid>() {
                 Ok(form) => on_event(Change::Form(form)),
                 Err(_) => on_event(Change::Reset),

@@ -1,6 +1,19 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    api_keys (id) {
+        id -> Uuid,
+        name -> Text,
+        token_sha256 -> Bytea,
+        forms -> Nullable<Array<Nullable<Uuid>>>,
+        admin -> Bool,
+        created_at -> Timestamptz,
+        last_used_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
     plugin_quarantines (sha256, func) {
         sha256 -> Text,
         func -> Text,
@@ -77,6 +90,7 @@ diesel::table! {
 diesel::joinable!(task_run_attempts -> task_runs (run_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    api_keys,
     plugin_quarantines,
     submissions,
     task_run_attempts,

@@ -188,3 +188,63 @@ fn attach_checks_the_config_against_the_schema_the_plugin_declares() {
     let shown = stdout(&daisy(&db, &plugins, &["plugin", "show", "echo"]));
     assert!(shown.contains("no config schema declared"), "{shown}");
 }
+
+#[test]
+fn keys_are_created_listed_without_tokens_and_revoked() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    stdout(&daisy(&db, &plugins, &["migrate"]));
+    let form = Uuid::new_v4().to_string();
+    let created = stdout(&daisy(
+        &db,
+        &plugins,
+        &["key", "create", "--name", "collect-prod", "--form", &form],
+    ));
+    let token = created.lines().last().expect("the token, on the last line");
+    assert!(token.starts_with("dsy_") && token.len() > 40, "{created}");
+    let admin = stdout(&daisy(
+        &db,
+        &plugins,
+        &["key", "create", "--name", "ops", "--admin"],
+    ));
+    let admin_token = admin.lines().last().expect("token").to_owned();
+    // A name is unique.
+    let again = daisy(
+        &db,
+        &plugins,
+        &["key", "create", "--name", "ops", "--all-forms"],
+    );
+    assert!(!again.status.success());
+    // Neither a form nor --all-forms: refused by the parser.
+    assert!(
+        !daisy(&db, &plugins, &["key", "create", "--name", "x"])
+            .status
+            .success()
+    );
+
+    let listed = stdout(&daisy(&db, &plugins, &["key", "list"]));
+    assert!(
+        listed.contains("collect-prod") && listed.contains(&form),
+        "{listed}"
+    );
+    assert!(listed.contains("ops"), "{listed}");
+    assert!(
+        !listed.contains(token) && !listed.contains(&admin_token),
+        "{listed}"
+    );
+    let stored = db.registry().keys().expect("keys");
+    assert!(stored.iter().all(|k| k.token_sha256.len() == 32));
+
+    stdout(&daisy(&db, &plugins, &["key", "revoke", "collect-prod"]));
+    let listed = stdout(&daisy(&db, &plugins, &["key", "list"]));
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("collect-prod"))
+        .expect("still listed");
+    assert!(
+        row.contains(&chrono::Utc::now().format("%Y-%m-%d").to_string()),
+        "{row}"
+    );
+    let unknown = daisy(&db, &plugins, &["key", "revoke", "collect-prod"]);
+    assert!(!unknown.status.success(), "revoked twice");
+}

@@ -13,5 +13,6 @@ mod fuzz;
 mod hosts;
 mod hot_reload;
 mod process;
+mod security;
 mod service;
 mod validation;

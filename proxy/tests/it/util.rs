@@ -161,6 +161,7 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
         stale_after: Duration::from_secs(900),
         sync_run_log: proxy::SyncRunLog::All,
         retain: None,
+        security: proxy::security::Security::default(),
     }
 }
 

@@ -1,0 +1,2 @@
+DROP TABLE api_keys;
+DROP FUNCTION daisy_notify_keys_changed();

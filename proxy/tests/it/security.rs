@@ -1,0 +1,379 @@
+//! The gRPC port's protection: TLS, mutual TLS, API keys scoped to forms,
+//! and the secure defaults of `daisy serve`. Certificates are made by
+//! openssl in each test.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use proto::v1::{GetRunsRequest, post_sub_proxy_client::PostSubProxyClient};
+use proxy::{
+    auth::{AuthMode, new_token, token_hash},
+    registry::NewKey,
+    security::{Security, TlsFiles},
+};
+use serde_json::json;
+use tonic::{
+    Code, Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+use uuid::Uuid;
+
+use crate::util::*;
+
+/// A CA, a server certificate for `localhost` and 127.0.0.1, and a client
+/// certificate, all signed by the CA.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl (Debian's openssl package)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let req = |name: &str, subject: &str| {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+            openssl(d, &args);
+        };
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Daisy test CA",
+        ]);
+        openssl(d, &ca);
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+        for (name, subject) in [("server", "/CN=localhost"), ("client", "/CN=backend")] {
+            req(name, subject);
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.path(file)).expect("pem")
+    }
+
+    fn files(&self, mutual: bool) -> TlsFiles {
+        TlsFiles {
+            cert: self.path("server.pem"),
+            key: self.path("server.key"),
+            client_ca: mutual.then(|| self.path("ca.pem")),
+        }
+    }
+
+    /// A TLS client trusting the CA, with the client certificate if `identity`.
+    async fn client(
+        &self,
+        addr: std::net::SocketAddr,
+        identity: bool,
+    ) -> Result<PostSubProxyClient<Channel>, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.read("ca.pem")))
+            .domain_name("localhost");
+        if identity {
+            tls = tls.identity(Identity::from_pem(
+                self.read("client.pem"),
+                self.read("client.key"),
+            ));
+        }
+        let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+            .expect("uri")
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(PostSubProxyClient::new(channel))
+    }
+}
+
+async fn server(db: &TestDb, plugins: &PluginsDir, security: Security) -> TestServer {
+    let queue = TestQueue::new();
+    TestServer::start_with(proxy::Config {
+        security,
+        ..server_config(&db.url, plugins.path(), queue.config.clone())
+    })
+    .await
+}
+
+/// Waits until the server accepts TCP connections.
+async fn listening(addr: std::net::SocketAddr) {
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_served_and_a_plaintext_client_is_refused() {
+    let (db, plugins, pki) = (TestDb::new(), PluginsDir::new(), Pki::new());
+    plugins.install("echo", "echo");
+    let form = Uuid::new_v4();
+    db.attach(form, "echo", "echo", "echo", json!({}));
+    let server = server(
+        &db,
+        &plugins,
+        Security {
+            tls: Some(pki.files(false)),
+            ..Security::default()
+        },
+    )
+    .await;
+    listening(server.addr).await;
+
+    let mut client = pki.client(server.addr, false).await.expect("TLS connects");
+    let response = process(&mut client, form, sample()).await;
+    assert_eq!(response.results.len(), 1);
+
+    let plaintext = match PostSubProxyClient::connect(format!("http://{}", server.addr)).await {
+        Err(_) => None,
+        Ok(mut client) => Some(client.process(request(form, sample())).await),
+    };
+    assert!(
+        !matches!(plaintext, Some(Ok(_))),
+        "a plaintext call was answered: {plaintext:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_a_client_without_a_certificate() {
+    let (db, plugins, pki) = (TestDb::new(), PluginsDir::new(), Pki::new());
+    plugins.install("echo", "echo");
+    let form = Uuid::new_v4();
+    db.attach(form, "echo", "echo", "echo", json!({}));
+    let server = server(
+        &db,
+        &plugins,
+        Security {
+            tls: Some(pki.files(true)),
+            ..Security::default()
+        },
+    )
+    .await;
+    listening(server.addr).await;
+
+    let mut with_cert = pki.client(server.addr, true).await.expect("connects");
+    process(&mut with_cert, form, sample()).await;
+    let without = match pki.client(server.addr, false).await {
+        Err(_) => None,
+        Ok(mut client) => Some(client.process(request(form, sample())).await),
+    };
+    assert!(
+        !matches!(without, Some(Ok(_))),
+        "a client without a certificate was answered: {without:?}"
+    );
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_required_scoped_to_forms_and_revoked_within_a_second() {
+    let (db, plugins) = (TestDb::new(), PluginsDir::new());
+    plugins.install("echo", "echo");
+    let (mine, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+    db.attach(mine, "echo", "echo", "echo", json!({}));
+    db.attach(theirs, "echo", "echo", "echo", json!({}));
+    let registry = db.registry();
+    let create = |name: &str, forms: Option<&[Uuid]>| {
+        let token = new_token().expect("token");
+        registry
+            .create_key(&NewKey {
+                name,
+                token_sha256: &token_hash(&token),
+                forms,
+                admin: false,
+            })
+            .expect("key");
+        token
+    };
+    let backend = create("backend", Some(&[mine]));
+    let other = create("other", Some(&[theirs]));
+    let server = server(
+        &db,
+        &plugins,
+        Security {
+            auth: AuthMode::Token,
+            ..Security::default()
+        },
+    )
+    .await;
+    let mut client = server.client().await;
+
+    // Missing, malformed and unknown keys: UNAUTHENTICATED (16).
+    let status = client
+        .process(request(mine, sample()))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("authorization"), "{status:?}");
+    for token in ["", "dsy_not-a-key", &backend.to_uppercase()] {
+        let status = client
+            .process(with_token(request(mine, sample()), token))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+
+    // The right key for the right form: served.
+    let sent = request(mine, sample());
+    client
+        .process(with_token(sent.clone(), &backend))
+        .await
+        .expect("served");
+    // Another form's key: PERMISSION_DENIED (7), on Process and on GetRuns.
+    let status = client
+        .process(with_token(request(mine, sample()), &other))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("'other'"), "{status:?}");
+    assert!(
+        !status.message().contains(&other),
+        "the token leaked: {status:?}"
+    );
+    let runs = GetRunsRequest {
+        submission_id: sent.submission_id.clone(),
+    };
+    let status = client
+        .get_runs(with_token(runs.clone(), &other))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let shown = client
+        .get_runs(with_token(runs.clone(), &backend))
+        .await
+        .expect("shown");
+    assert!(shown.into_inner().runs.len() <= 1);
+
+    // Revoked: refused within a second, on this running serve.
+    assert!(registry.revoke_key("backend").expect("revoke"));
+    let revoked = Instant::now();
+    loop {
+        match client
+            .process(with_token(request(mine, sample()), &backend))
+            .await
+        {
+            Err(status) if status.code() == Code::Unauthenticated => break,
+            other => assert!(
+                revoked.elapsed() < Duration::from_secs(1),
+                "still served {:?} after revocation: {other:?}",
+                revoked.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(revoked.elapsed() < Duration::from_secs(1));
+    let last_used = registry.keys().expect("keys");
+    let backend_key = last_used.iter().find(|k| k.name == "backend").expect("key");
+    assert!(backend_key.revoked_at.is_some());
+}
+
+#[test]
+fn serve_refuses_an_open_address_without_tls_and_keys_and_starts_with_insecure() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    let port = test_support::free_port().port();
+    let serve = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_daisy"));
+        command
+            .args(["serve", "--addr", &format!("0.0.0.0:{port}")])
+            .args(extra)
+            .env("DATABASE_URL", &db.url)
+            .env("DAISY_PLUGINS_DIR", plugins.path())
+            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+            .env("RUST_LOG", "warn");
+        command
+    };
+    let refused = serve(&[]).output().expect("daisy serve");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--tls-cert") && err.contains("--insecure"),
+        "{err}"
+    );
+    let refused = serve(&["--auth", "none", "--insecure"]).spawn();
+    // --insecure with --auth none is the operator's explicit choice: it starts.
+    let mut started = refused.expect("spawned");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let begun = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            started.try_wait().expect("status").is_none(),
+            "daisy serve --insecure exited"
+        );
+        assert!(begun.elapsed() < Duration::from_secs(30), "never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.kill().expect("kill");
+    let _ = started.wait();
+}
