@@ -7,7 +7,10 @@ use proto::{
     v1::{ProcessRequest, post_sub_proxy_client::PostSubProxyClient},
 };
 use serde_json::json;
-use tonic::transport::Channel;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::Stored;
 
@@ -32,6 +35,9 @@ pub enum DaisyError {
     /// The address is not a valid URI.
     #[error("invalid Daisy address '{0}'")]
     Address(String),
+    /// The TLS settings or the API key cannot be used.
+    #[error("Daisy client credentials: {0}")]
+    Credentials(String),
 }
 
 impl DaisyError {
@@ -47,8 +53,103 @@ impl DaisyError {
                     | tonic::Code::PermissionDenied
             ),
             DaisyError::NotAnObject => true,
-            DaisyError::Deadline(_) | DaisyError::Address(_) => false,
+            DaisyError::Deadline(_) | DaisyError::Address(_) | DaisyError::Credentials(_) => false,
         }
+    }
+}
+
+/// How the client proves itself to Daisy and checks Daisy: TLS trust, an
+/// optional client certificate (mutual TLS) and an API key.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The CA (PEM) Daisy's certificate must chain to; needed for `https://`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its key (PEM), for a Daisy that requires them.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// An API key (`daisy key create`), sent as `authorization: Bearer`.
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    /// Says what is set, never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// From the environment: `DAISY_CA_FILE`, `DAISY_CLIENT_CERT` and
+    /// `DAISY_CLIENT_KEY` (PEM files), and `DAISY_API_KEY_FILE` (a file
+    /// holding the key) or `DAISY_API_KEY`. Unset variables are left out.
+    pub fn from_env() -> Result<Credentials, DaisyError> {
+        let file = |var: &str| -> Result<Option<Vec<u8>>, DaisyError> {
+            match std::env::var_os(var) {
+                None => Ok(None),
+                Some(path) => std::fs::read(&path).map(Some).map_err(|err| {
+                    DaisyError::Credentials(format!(
+                        "reading {var} '{}': {err}",
+                        std::path::Path::new(&path).display()
+                    ))
+                }),
+            }
+        };
+        let identity_pem = match (file("DAISY_CLIENT_CERT")?, file("DAISY_CLIENT_KEY")?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(DaisyError::Credentials(
+                    "set both DAISY_CLIENT_CERT and DAISY_CLIENT_KEY, or neither".into(),
+                ));
+            }
+        };
+        let api_key = match file("DAISY_API_KEY_FILE")? {
+            Some(bytes) => Some(
+                String::from_utf8(bytes)
+                    .map_err(|_| DaisyError::Credentials("DAISY_API_KEY_FILE is not UTF-8".into()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => std::env::var("DAISY_API_KEY").ok(),
+        };
+        Ok(Credentials {
+            ca_pem: file("DAISY_CA_FILE")?,
+            identity_pem,
+            api_key,
+        })
+    }
+
+    fn endpoint(&self, addr: &str, deadline: Duration) -> Result<Endpoint, DaisyError> {
+        let mut endpoint = Channel::from_shared(addr.to_owned())
+            .map_err(|_| DaisyError::Address(addr.to_owned()))?
+            .connect_timeout(deadline);
+        if self.ca_pem.is_some() || self.identity_pem.is_some() {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &self.identity_pem {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|err| DaisyError::Credentials(format!("TLS settings: {err}")))?;
+        }
+        Ok(endpoint)
+    }
+
+    fn authorization(&self) -> Result<Option<MetadataValue<Ascii>>, DaisyError> {
+        self.api_key
+            .as_ref()
+            .map(|key| {
+                format!("Bearer {key}").parse().map_err(|_| {
+                    DaisyError::Credentials("the API key is not printable ASCII".into())
+                })
+            })
+            .transpose()
     }
 }
 
@@ -57,6 +158,7 @@ impl DaisyError {
 pub struct DaisyClient {
     client: PostSubProxyClient<Channel>,
     deadline: Duration,
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl DaisyClient {
@@ -64,13 +166,22 @@ impl DaisyClient {
     /// on first use and reconnects by itself. `deadline` bounds each call
     /// made by the layer.
     pub fn connect_lazy(addr: &str, deadline: Duration) -> Result<DaisyClient, DaisyError> {
-        let channel = Channel::from_shared(addr.to_owned())
-            .map_err(|_| DaisyError::Address(addr.to_owned()))?
-            .connect_timeout(deadline)
-            .connect_lazy();
+        DaisyClient::connect_lazy_with(addr, deadline, &Credentials::default())
+    }
+
+    /// [`DaisyClient::connect_lazy`] with TLS settings and an API key, for a
+    /// Daisy served with `--tls-cert` (address `https://host:port`) and
+    /// `--auth token`.
+    pub fn connect_lazy_with(
+        addr: &str,
+        deadline: Duration,
+        credentials: &Credentials,
+    ) -> Result<DaisyClient, DaisyError> {
+        let channel = credentials.endpoint(addr, deadline)?.connect_lazy();
         Ok(DaisyClient {
             client: PostSubProxyClient::new(channel),
             deadline,
+            authorization: credentials.authorization()?,
         })
     }
 
@@ -80,13 +191,18 @@ impl DaisyClient {
     /// serve going down costs the calls in flight on it, which the resender
     /// sends again.
     pub fn connect_balanced(addrs: &[&str], deadline: Duration) -> Result<DaisyClient, DaisyError> {
+        DaisyClient::connect_balanced_with(addrs, deadline, &Credentials::default())
+    }
+
+    /// [`DaisyClient::connect_balanced`] with TLS settings and an API key.
+    pub fn connect_balanced_with(
+        addrs: &[&str],
+        deadline: Duration,
+        credentials: &Credentials,
+    ) -> Result<DaisyClient, DaisyError> {
         let endpoints = addrs
             .iter()
-            .map(|addr| {
-                Channel::from_shared((*addr).to_owned())
-                    .map(|endpoint| endpoint.connect_timeout(deadline))
-                    .map_err(|_| DaisyError::Address((*addr).to_owned()))
-            })
+            .map(|addr| credentials.endpoint(addr, deadline))
             .collect::<Result<Vec<_>, _>>()?;
         if endpoints.is_empty() {
             return Err(DaisyError::Address(String::new()));
@@ -94,6 +210,7 @@ impl DaisyClient {
         Ok(DaisyClient {
             client: PostSubProxyClient::new(Channel::balance_list(endpoints.into_iter())),
             deadline,
+            authorization: credentials.authorization()?,
         })
     }
 
@@ -118,6 +235,11 @@ impl DaisyClient {
             context: stored.context.clone(),
         });
         request.set_timeout(deadline);
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
         let mut client = self.client.clone();
         let response = match tokio::time::timeout(deadline, client.process(request)).await {
             Err(_) => return Err(DaisyError::Deadline(deadline)),

@@ -33,7 +33,7 @@ mod client;
 mod layer;
 mod resend;
 
-pub use client::{DaisyClient, DaisyError};
+pub use client::{Credentials, DaisyClient, DaisyError};
 pub use layer::{PostSubmissionLayer, PostSubmissionService};
 /// Who submitted, and for whom: the form's organisation and owners, the
 /// submitter and their locale. Tasks see it as `plugin_api::Context`.

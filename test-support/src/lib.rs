@@ -11,6 +11,9 @@
 //! `cargo build --workspace`), since tests load the plugin libraries and run
 //! the `daisy` binary from `target/debug`.
 
+mod pki;
+pub use pki::Pki;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -416,6 +419,18 @@ impl Daisy {
         queue: &TestQueue,
         amqp_url: &str,
     ) -> Daisy {
+        Self::serve_with(addr, db_url, plugins, queue, amqp_url, &[])
+    }
+
+    /// Starts `daisy serve` on `addr` with `extra` flags (TLS, keys).
+    pub fn serve_with(
+        addr: SocketAddr,
+        db_url: &str,
+        plugins: &Path,
+        queue: &TestQueue,
+        amqp_url: &str,
+        extra: &[&str],
+    ) -> Daisy {
         let port = addr;
         let child = Self::command(db_url, plugins, queue, amqp_url)
             .args([
@@ -427,6 +442,7 @@ impl Daisy {
                 "--relay-interval-ms",
                 "200",
             ])
+            .args(extra)
             .spawn()
             .expect("starting daisy serve");
         Daisy {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use post_submission::{DaisyClient, PostSubmission, Resend};
+use post_submission::{Credentials, DaisyClient, PostSubmission, Resend};
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +26,10 @@ struct Args {
         hide_env_values = true
     )]
     database_url: String,
-    /// Daisy's gRPC address.
+    /// Daisy's gRPC address (`https://` for a Daisy served with TLS; the
+    /// CA, client certificate and API key come from DAISY_CA_FILE,
+    /// DAISY_CLIENT_CERT, DAISY_CLIENT_KEY and DAISY_API_KEY_FILE or
+    /// DAISY_API_KEY).
     #[arg(long, env = "DAISY_SERVER", default_value = "http://127.0.0.1:50051")]
     daisy: String,
     /// How long a submit waits for Daisy before answering "pending", in milliseconds.
@@ -49,7 +52,13 @@ async fn main() -> anyhow::Result<()> {
     let pool = tokio::task::spawn_blocking(move || example_collect::connect_and_migrate(&url))
         .await?
         .context("opening the Collect database")?;
-    let client = DaisyClient::connect_lazy(&args.daisy, Duration::from_millis(args.deadline_ms))?;
+    let credentials = Credentials::from_env()?;
+    tracing::info!(?credentials, "Daisy client credentials");
+    let client = DaisyClient::connect_lazy_with(
+        &args.daisy,
+        Duration::from_millis(args.deadline_ms),
+        &credentials,
+    )?;
     let daisy = PostSubmission::new(client, example_collect::PgStore(pool.clone()));
     daisy.spawn_resender(Resend {
         grace: Duration::from_secs(args.resend_grace_secs),

@@ -17,8 +17,9 @@ use axum::{
 };
 use example_collect::{DbPool, PgStore, app, connect_and_migrate, post_processing_counts};
 use http_body_util::BodyExt;
-use post_submission::{DaisyClient, PostSubmission, Resend};
+use post_submission::{Credentials, DaisyClient, PostSubmission, Resend};
 use serde_json::{Value, json};
+use sha2::Digest;
 use test_support::{Daisy, PluginsDir, TestDb, TestQueue, free_port};
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -404,4 +405,113 @@ async fn the_forms_owner_and_the_submitters_locale_reach_daisys_tasks() {
         }),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn collect_calls_daisy_over_mutual_tls_with_an_api_key() {
+    let (daisy_db, plugins, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
+    plugins.install("testkit", "testkit");
+    let pki = test_support::Pki::new();
+    // A key for every form, stored as `daisy key create` stores it.
+    let token = "dsy_collect-test-key-0123456789abcdefghijklmnopqrstu";
+    let hash: String = sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    daisy_db.execute(&format!(
+        "INSERT INTO api_keys (id, name, token_sha256) VALUES (gen_random_uuid(), 'collect', '\\x{hash}')"
+    ));
+    let daisy_addr = free_port();
+    let path = |file: &str| pki.path(file).to_str().expect("utf-8").to_owned();
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    let _serve = Daisy::serve_with(
+        daisy_addr,
+        &daisy_db.url,
+        plugins.path(),
+        &queue,
+        &queue.url,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--client-ca",
+            &ca,
+            "--auth",
+            "token",
+        ],
+    );
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(daisy_addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "daisy did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let full = Credentials {
+        ca_pem: Some(pki.read("ca.pem")),
+        identity_pem: Some((pki.read("client.pem"), pki.read("client.key"))),
+        api_key: Some(token.into()),
+    };
+    assert!(!format!("{full:?}").contains(token), "Debug shows the key");
+    let collect = |credentials: &Credentials| {
+        let mut collect = Collect::new(daisy_addr, Duration::from_secs(5));
+        let client = DaisyClient::connect_lazy_with(
+            &format!("https://localhost:{}", daisy_addr.port()),
+            Duration::from_secs(5),
+            credentials,
+        )
+        .expect("client");
+        collect.daisy = PostSubmission::new(client, PgStore(collect.pool.clone()));
+        collect.app = app(collect.pool.clone(), collect.daisy.clone());
+        collect
+    };
+    let daisy_db = &daisy_db;
+    let submit = |collect: Collect| async move {
+        let form = collect.create_form().await;
+        daisy_db.execute(&format!(
+            "INSERT INTO tasks (id, form_id, name, module, func, async_status) VALUES \
+             (gen_random_uuid(), '{form}', 'seen', 'testkit', 'seen', false)"
+        ));
+        let submission = json!({"answers": {"name": "Ada", "rating": 5}});
+        let (status, body) = collect
+            .call(
+                "POST",
+                &format!("/forms/{form}/submit"),
+                Some(&submission.to_string()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    };
+
+    let body = submit(collect(&full)).await;
+    assert_eq!(body["post_submission"]["status"], "done", "{body}");
+    assert_eq!(
+        body["post_submission"]["results"][0]["outcome"], "succeeded",
+        "{body}"
+    );
+
+    // Without the API key, Daisy answers UNAUTHENTICATED: the response stays
+    // pending (for the resender, once the key is fixed).
+    let no_key = Credentials {
+        api_key: None,
+        ..full.clone()
+    };
+    let body = submit(collect(&no_key)).await;
+    assert_eq!(body["post_submission"]["status"], "pending", "{body}");
+    assert!(
+        body["post_submission"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Unauthenticated")),
+        "{body}"
+    );
+    // Without a client certificate, the TLS handshake itself fails.
+    let no_cert = Credentials {
+        identity_pem: None,
+        ..full
+    };
+    let body = submit(collect(&no_cert)).await;
+    assert_eq!(body["post_submission"]["status"], "pending", "{body}");
 }

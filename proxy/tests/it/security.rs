@@ -1,9 +1,8 @@
 //! The gRPC port's protection: TLS, mutual TLS, API keys scoped to forms,
 //! and the secure defaults of `daisy serve`. Certificates are made by
-//! openssl in each test.
+//! openssl in each test (`test_support::Pki`).
 
 use std::{
-    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -15,135 +14,30 @@ use proxy::{
     security::{Security, TlsFiles},
 };
 use serde_json::json;
-use tonic::{
-    Code, Request,
-    transport::{Certificate, Channel, ClientTlsConfig, Identity},
-};
+use test_support::Pki;
+use tonic::{Code, Request, transport::Channel};
 use uuid::Uuid;
 
 use crate::util::*;
 
-/// A CA, a server certificate for `localhost` and 127.0.0.1, and a client
-/// certificate, all signed by the CA.
-struct Pki {
-    dir: tempfile::TempDir,
+fn tls_files(pki: &Pki, mutual: bool) -> TlsFiles {
+    TlsFiles {
+        cert: pki.path("server.pem"),
+        key: pki.path("server.key"),
+        client_ca: mutual.then(|| pki.path("ca.pem")),
+    }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl (Debian's openssl package)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let req = |name: &str, subject: &str| {
-            let key = format!("{name}.key");
-            let csr = format!("{name}.csr");
-            let mut args = vec!["req"];
-            args.extend(ec);
-            args.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
-            openssl(d, &args);
-        };
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Daisy test CA",
-        ]);
-        openssl(d, &ca);
-        std::fs::write(
-            d.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
-        for (name, subject) in [("server", "/CN=localhost"), ("client", "/CN=backend")] {
-            req(name, subject);
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &format!("{name}.pem"),
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                ],
-            );
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn read(&self, file: &str) -> Vec<u8> {
-        std::fs::read(self.path(file)).expect("pem")
-    }
-
-    fn files(&self, mutual: bool) -> TlsFiles {
-        TlsFiles {
-            cert: self.path("server.pem"),
-            key: self.path("server.key"),
-            client_ca: mutual.then(|| self.path("ca.pem")),
-        }
-    }
-
-    /// A TLS client trusting the CA, with the client certificate if `identity`.
-    async fn client(
-        &self,
-        addr: std::net::SocketAddr,
-        identity: bool,
-    ) -> Result<PostSubProxyClient<Channel>, tonic::transport::Error> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.read("ca.pem")))
-            .domain_name("localhost");
-        if identity {
-            tls = tls.identity(Identity::from_pem(
-                self.read("client.pem"),
-                self.read("client.key"),
-            ));
-        }
-        let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
-            .expect("uri")
-            .tls_config(tls)?
-            .connect()
-            .await?;
-        Ok(PostSubProxyClient::new(channel))
-    }
+/// A TLS client of `addr` trusting the test CA, with its client certificate
+/// if `identity`.
+async fn tls_client(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    identity: bool,
+) -> Result<PostSubProxyClient<Channel>, tonic::transport::Error> {
+    Ok(PostSubProxyClient::new(
+        pki.channel(addr.port(), identity).await?,
+    ))
 }
 
 async fn server(db: &TestDb, plugins: &PluginsDir, security: Security) -> TestServer {
@@ -177,14 +71,16 @@ async fn tls_is_served_and_a_plaintext_client_is_refused() {
         &db,
         &plugins,
         Security {
-            tls: Some(pki.files(false)),
+            tls: Some(tls_files(&pki, false)),
             ..Security::default()
         },
     )
     .await;
     listening(server.addr).await;
 
-    let mut client = pki.client(server.addr, false).await.expect("TLS connects");
+    let mut client = tls_client(&pki, server.addr, false)
+        .await
+        .expect("TLS connects");
     let response = process(&mut client, form, sample()).await;
     assert_eq!(response.results.len(), 1);
 
@@ -208,16 +104,16 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
         &db,
         &plugins,
         Security {
-            tls: Some(pki.files(true)),
+            tls: Some(tls_files(&pki, true)),
             ..Security::default()
         },
     )
     .await;
     listening(server.addr).await;
 
-    let mut with_cert = pki.client(server.addr, true).await.expect("connects");
+    let mut with_cert = tls_client(&pki, server.addr, true).await.expect("connects");
     process(&mut with_cert, form, sample()).await;
-    let without = match pki.client(server.addr, false).await {
+    let without = match tls_client(&pki, server.addr, false).await {
         Err(_) => None,
         Ok(mut client) => Some(client.process(request(form, sample())).await),
     };
