@@ -154,6 +154,10 @@ struct HostArgs {
     /// process; a crash there takes it down).
     #[arg(long, env = "DAISY_ISOLATION", value_enum, default_value = "process")]
     isolation: Isolation,
+    /// Load only the library builds whose SHA-256 this file lists (one per
+    /// line, as `sha256sum` prints them).
+    #[arg(long, env = "DAISY_PLUGIN_SHA256")]
+    plugin_sha256: Option<PathBuf>,
     /// Plugin host processes per library.
     #[arg(long, env = "DAISY_HOSTS_PER_MODULE", default_value_t = 1)]
     hosts_per_module: usize,
@@ -208,6 +212,15 @@ impl HostArgs {
             env: self.plugin_env.clone(),
             quarantine_after: self.quarantine_after.max(1),
             quarantine_window: Duration::from_secs(self.quarantine_window_secs.max(1)),
+            allowed: match &self.plugin_sha256 {
+                Some(path) => proxy::plugins::AllowList::from_file(path).with_context(|| {
+                    format!(
+                        "reading the --plugin-sha256 allow-list '{}'",
+                        path.display()
+                    )
+                })?,
+                None => proxy::plugins::AllowList::any(),
+            },
             ..HostConfig::new(program)
         })
     }

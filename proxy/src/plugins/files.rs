@@ -10,11 +10,15 @@
 //! asked keeps using the build it already has.
 
 use std::{
+    collections::HashSet,
     fs,
     io::{Read, Write},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -102,6 +106,91 @@ pub enum SnapshotError {
     Incomplete(String),
     /// The file cannot be used.
     Failed(PluginError),
+    /// The contents are those of the build already serving (a `touch`, or
+    /// the same file copied again): nothing was copied.
+    Unchanged(Fingerprint),
+}
+
+/// Which builds may be loaded: `--plugin-sha256 FILE`, one SHA-256 (hex) per
+/// line, as `sha256sum` prints them (anything after the hash is ignored).
+#[derive(Debug, Clone, Default)]
+pub struct AllowList(Option<Arc<HashSet<String>>>);
+
+impl AllowList {
+    /// Every build that passes the file checks.
+    pub fn any() -> AllowList {
+        AllowList(None)
+    }
+
+    /// Only the builds listed in `path`.
+    pub fn from_file(path: &Path) -> std::io::Result<AllowList> {
+        let text = fs::read_to_string(path)?;
+        let hashes = text
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|hash| !hash.starts_with('#'))
+            .map(str::to_ascii_lowercase)
+            .collect();
+        Ok(AllowList(Some(Arc::new(hashes))))
+    }
+
+    fn admits(&self, sha256: &str) -> bool {
+        self.0.as_ref().is_none_or(|hashes| hashes.contains(sha256))
+    }
+}
+
+/// Daisy trusts a library file only as sshd trusts `authorized_keys`: the
+/// plugins directory and the file must belong to Daisy's user or root and
+/// be writable by no one else, and a symlink must not lead out of the
+/// directory. `path` is `dir`'s library file; `opened` is the metadata of
+/// the descriptor that is read.
+fn check_trusted(dir: &Path, path: &Path, opened: &fs::Metadata) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let trusted = |what: &str, shown: &Path, meta: &fs::Metadata| {
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(format!(
+                "refusing {what} '{}': it belongs to uid {}, neither Daisy's user (uid {me}) nor root",
+                shown.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "refusing {what} '{}': it is writable by {} (mode {:o}); `chmod go-w` it",
+                shown.display(),
+                if meta.mode() & 0o002 != 0 {
+                    "anyone"
+                } else {
+                    "its group"
+                },
+                meta.mode() & 0o7777
+            ));
+        }
+        Ok(())
+    };
+    let dir_meta =
+        fs::metadata(dir).map_err(|err| format!("reading '{}': {err}", dir.display()))?;
+    trusted("the plugins directory", dir, &dir_meta)?;
+    let link =
+        fs::symlink_metadata(path).map_err(|err| format!("reading '{}': {err}", path.display()))?;
+    if link.file_type().is_symlink() {
+        let target = fs::canonicalize(path)
+            .map_err(|err| format!("resolving '{}': {err}", path.display()))?;
+        let home =
+            fs::canonicalize(dir).map_err(|err| format!("resolving '{}': {err}", dir.display()))?;
+        if target.parent() != Some(home.as_path()) {
+            return Err(format!(
+                "refusing '{}': it is a symlink to '{}', outside the plugins directory",
+                path.display(),
+                target.display()
+            ));
+        }
+    }
+    if !opened.is_file() {
+        return Err(format!("refusing '{}': not a regular file", path.display()));
+    }
+    trusted("the library", path, opened)
 }
 
 /// Private copies of library files, in a temporary directory removed when
@@ -110,22 +199,31 @@ pub enum SnapshotError {
 pub struct Copies {
     dir: tempfile::TempDir,
     next: AtomicU64,
+    allowed: AllowList,
 }
 
 impl Copies {
-    /// A new directory for private copies.
-    pub fn new() -> std::io::Result<Copies> {
+    /// A new directory for private copies of the builds `allowed` admits.
+    pub fn new(allowed: AllowList) -> std::io::Result<Copies> {
         Ok(Copies {
             dir: tempfile::Builder::new()
                 .prefix("daisy-plugins-")
                 .tempdir()?,
             next: AtomicU64::new(1),
+            allowed,
         })
     }
 
-    /// Reads `path` (module `module`'s library) once, checks that it is
-    /// complete and was not changing meanwhile, and writes a private copy.
-    pub fn snapshot(&self, module: &str, path: &Path) -> Result<Snapshot, SnapshotError> {
+    /// Opens `path` (module `module`'s library) once, checks that Daisy may
+    /// trust it, reads it through that one descriptor, checks that it is
+    /// complete and was not changing meanwhile, and writes a private copy,
+    /// unless its contents hash to `serving` (the build already in use).
+    pub fn snapshot(
+        &self,
+        module: &str,
+        path: &Path,
+        serving: Option<&str>,
+    ) -> Result<Snapshot, SnapshotError> {
         let failed = |reason: String| {
             SnapshotError::Failed(PluginError::Load {
                 module: module.to_owned(),
@@ -143,6 +241,8 @@ impl Copies {
         let after = file
             .metadata()
             .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        check_trusted(dir, path, &after).map_err(failed)?;
         let fingerprint = Fingerprint::of(&before);
         if fingerprint != Fingerprint::of(&after) || bytes.len() as u64 != after.len() {
             return Err(SnapshotError::Incomplete(format!(
@@ -154,6 +254,15 @@ impl Copies {
             SnapshotError::Incomplete(format!("'{}' is incomplete: {why}", path.display()))
         })?;
         let sha256 = hex(&Sha256::digest(&bytes));
+        if serving == Some(sha256.as_str()) {
+            return Err(SnapshotError::Unchanged(fingerprint));
+        }
+        if !self.allowed.admits(&sha256) {
+            return Err(failed(format!(
+                "refusing '{}': its build (sha256 {sha256}) is not in the --plugin-sha256 allow-list",
+                path.display()
+            )));
+        }
         let copy = self.dir.path().join(format!(
             "{}-{}",
             self.next.fetch_add(1, Ordering::Relaxed),
@@ -293,17 +402,49 @@ mod tests {
     #[test]
     fn snapshot_refuses_a_truncated_file_and_copies_a_whole_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let copies = Copies::new().expect("copies");
+        let copies = Copies::new(AllowList::any()).expect("copies");
         let whole = fs::read(std::env::current_exe().expect("test binary")).expect("reading");
         let path = dir.path().join("libx.so");
         fs::write(&path, &whole[..whole.len() / 3]).expect("writing");
         assert!(matches!(
-            copies.snapshot("x", &path),
+            copies.snapshot("x", &path, None),
             Err(SnapshotError::Incomplete(_))
         ));
         fs::write(&path, &whole).expect("writing");
-        let snapshot = copies.snapshot("x", &path).expect("a whole file");
+        let snapshot = copies.snapshot("x", &path, None).expect("a whole file");
         assert_eq!(fs::read(&snapshot.copy).expect("copy"), whole);
         assert_eq!(snapshot.sha256.len(), 64);
+    }
+
+    #[test]
+    fn the_same_contents_again_make_no_copy_and_the_allow_list_is_enforced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let whole = fs::read(std::env::current_exe().expect("test binary")).expect("reading");
+        let path = dir.path().join("libx.so");
+        fs::write(&path, &whole).expect("writing");
+        let copies = Copies::new(AllowList::any()).expect("copies");
+        let first = copies.snapshot("x", &path, None).expect("copied");
+        let copied = || fs::read_dir(copies.dir.path()).expect("copies").count();
+        assert_eq!(copied(), 1);
+        // A `touch`: new metadata, same contents.
+        let file = fs::File::options().append(true).open(&path).expect("open");
+        file.set_modified(SystemTime::now() + std::time::Duration::from_secs(5))
+            .expect("touch");
+        assert!(matches!(
+            copies.snapshot("x", &path, Some(&first.sha256)),
+            Err(SnapshotError::Unchanged(_))
+        ));
+        assert_eq!(copied(), 1, "a touch made a new copy");
+
+        let list = dir.path().join("allowed.txt");
+        fs::write(&list, format!("{}  libx.so\n", "0".repeat(64))).expect("list");
+        let strict = Copies::new(AllowList::from_file(&list).expect("list")).expect("copies");
+        let Err(SnapshotError::Failed(err)) = strict.snapshot("x", &path, None) else {
+            panic!("a build outside the allow-list was copied");
+        };
+        assert!(err.to_string().contains("allow-list"), "{err}");
+        fs::write(&list, format!("{}  libx.so\n", first.sha256)).expect("list");
+        let listed = Copies::new(AllowList::from_file(&list).expect("list")).expect("copies");
+        listed.snapshot("x", &path, None).expect("a listed build");
     }
 }

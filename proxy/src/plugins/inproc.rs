@@ -27,7 +27,7 @@ use std::{
 use plugin_api::host::{Library, TaskHandle};
 use uuid::Uuid;
 
-use super::files::{self, Copies, Fingerprint, SnapshotError};
+use super::files::{self, AllowList, Copies, Fingerprint, SnapshotError};
 use crate::{error::PluginError, registry::TaskDef};
 
 /// One loaded build of a library.
@@ -86,10 +86,10 @@ fn lock_for<K: std::hash::Hash + Eq + Clone>(
 
 impl InProcess {
     /// A loader for the libraries in `dir`.
-    pub fn new(dir: impl Into<PathBuf>) -> std::io::Result<InProcess> {
+    pub fn new(dir: impl Into<PathBuf>, allowed: AllowList) -> std::io::Result<InProcess> {
         Ok(InProcess {
             dir: dir.into(),
-            copies: Copies::new()?,
+            copies: Copies::new(allowed)?,
             libs: Mutex::default(),
             loading: Mutex::default(),
             instances: Mutex::default(),
@@ -114,8 +114,14 @@ impl InProcess {
         let serving = current.and_then(|(_, loaded)| loaded.ok());
         let started = Instant::now();
         let snapshot = loop {
-            match self.copies.snapshot(module, &path) {
+            let serving_sha = serving.as_ref().map(|l| l.sha256.as_str());
+            match self.copies.snapshot(module, &path, serving_sha) {
                 Ok(snapshot) => break snapshot,
+                Err(SnapshotError::Unchanged(fingerprint)) => {
+                    let same = serving.expect("unchanged from the serving build");
+                    self.remember(module, fingerprint, Ok(same.clone()));
+                    return Ok(same);
+                }
                 // The current build keeps serving until the new one is whole.
                 Err(SnapshotError::Incomplete(_)) if serving.is_some() => {
                     return Ok(serving.expect("checked"));
@@ -135,11 +141,6 @@ impl InProcess {
                 }
             }
         };
-        if let Some(same) = serving.as_ref().filter(|l| l.sha256 == snapshot.sha256) {
-            let _ = std::fs::remove_file(&snapshot.copy);
-            self.remember(module, snapshot.fingerprint, Ok(same.clone()));
-            return Ok(same.clone());
-        }
         let library = Library::load(&snapshot.copy);
         // The mapping outlives the file; removing it now leaves nothing behind.
         let _ = std::fs::remove_file(&snapshot.copy);
@@ -280,7 +281,7 @@ mod tests {
     #[test]
     fn missing_library_names_module_and_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let plugins = InProcess::new(dir.path()).expect("loader");
+        let plugins = InProcess::new(dir.path(), AllowList::any()).expect("loader");
         let err = plugins.library("nope").expect_err("no such library");
         let message = err.to_string();
         assert!(message.contains("'nope'"), "{message}");

@@ -30,7 +30,7 @@ use plugin_api::host::RunInput;
 use uuid::Uuid;
 
 pub use self::{
-    files::{library_file_name, validate_name},
+    files::{AllowList, library_file_name, validate_name},
     supervisor::{HostConfig, Quarantined},
 };
 use self::{
@@ -111,7 +111,7 @@ impl Plugins {
     ) -> std::io::Result<Plugins> {
         let dir = dir.into();
         Ok(Plugins {
-            inproc: Arc::new(InProcess::new(&dir)?),
+            inproc: Arc::new(InProcess::new(&dir, hosts.allowed.clone())?),
             hosts: Supervisor::new(&dir, hosts)?,
             dir,
             default,

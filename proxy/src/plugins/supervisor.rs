@@ -45,7 +45,7 @@ use tokio::{
 
 use super::{
     LibraryInfo,
-    files::{self, Copies, Fingerprint, SnapshotError},
+    files::{self, AllowList, Copies, Fingerprint, SnapshotError},
     wire::{self, Create, ErrorKind, Hello, Reply, Request},
 };
 use crate::error::PluginError;
@@ -75,6 +75,8 @@ pub struct HostConfig {
     pub quarantine_after: u32,
     /// How long crashes are remembered, and a quarantine lasts.
     pub quarantine_window: Duration,
+    /// Which builds may be loaded (`--plugin-sha256`), in hosts and in-process.
+    pub allowed: AllowList,
 }
 
 impl HostConfig {
@@ -92,6 +94,7 @@ impl HostConfig {
             env: Vec::new(),
             quarantine_after: 3,
             quarantine_window: Duration::from_secs(600),
+            allowed: AllowList::any(),
         }
     }
 }
@@ -249,10 +252,11 @@ impl Strikes {
 impl Supervisor {
     /// A supervisor for the libraries in `dir`.
     pub fn new(dir: impl Into<PathBuf>, config: HostConfig) -> std::io::Result<Arc<Supervisor>> {
+        let copies = Copies::new(config.allowed.clone())?;
         let supervisor = Arc::new(Supervisor {
             config,
             dir: dir.into(),
-            copies: Copies::new()?,
+            copies,
             modules: Mutex::default(),
             quarantine: Mutex::default(),
             striking: AtomicUsize::new(0),
@@ -432,9 +436,15 @@ impl Supervisor {
             // Blocking I/O on this thread, but only when a new build
             // appears (a few ms for a library of some MiB), and it must work
             // on the CLI's single-threaded runtime too.
-            let result = copies.snapshot(name, &path);
+            let result = copies.snapshot(name, &path, current.as_ref().map(|b| b.sha256.as_str()));
             match result {
                 Ok(snapshot) => break snapshot,
+                Err(SnapshotError::Unchanged(fingerprint)) => {
+                    // Same contents (a `touch`, or the same file copied again).
+                    let build = current.expect("unchanged from the current build");
+                    *build.fingerprint.lock().expect("fingerprint poisoned") = fingerprint;
+                    return Ok(build);
+                }
                 Err(SnapshotError::Incomplete(why)) => match &current {
                     Some(build) => {
                         tracing::debug!(plugin.module = name, reason = %why, "new library build not complete yet; the current one keeps serving");
@@ -455,12 +465,6 @@ impl Supervisor {
                 }
             }
         };
-        if let Some(build) = current.as_ref().filter(|b| b.sha256 == snapshot.sha256) {
-            // Same contents (a `touch`, or the same file copied again).
-            let _ = std::fs::remove_file(&snapshot.copy);
-            *build.fingerprint.lock().expect("fingerprint poisoned") = snapshot.fingerprint;
-            return Ok(build.clone());
-        }
         let slots: Vec<Slot> = (0..self.config.hosts_per_module.max(1))
             .map(|_| Slot::default())
             .collect();

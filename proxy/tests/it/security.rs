@@ -273,3 +273,116 @@ fn serve_refuses_an_open_address_without_tls_and_keys_and_starts_with_insecure()
     started.kill().expect("kill");
     let _ = started.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_library_files_are_refused_with_a_clear_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let (db, plugins) = (TestDb::new(), PluginsDir::new());
+    plugins.install("echo", "echo");
+    for module in ["group_writable", "foreign", "truncated", "good"] {
+        plugins.install("echo", module);
+    }
+    let set_mode = |module: &str, mode: u32| {
+        std::fs::set_permissions(
+            plugins.module_path(module),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .expect("chmod");
+    };
+    set_mode("group_writable", 0o664);
+    // Owned by nobody: refused unless Daisy runs as that user (it runs as us).
+    let foreign_owner = std::os::unix::fs::chown(plugins.module_path("foreign"), Some(65534), None);
+    let outside = tempfile::tempdir().expect("tempdir");
+    let elsewhere = outside.path().join("libecho.so");
+    std::fs::copy(plugins.module_path("echo"), &elsewhere).expect("copy");
+    std::os::unix::fs::symlink(&elsewhere, plugins.module_path("escaping")).expect("symlink");
+    std::os::unix::fs::symlink(plugins.module_path("echo"), plugins.module_path("inside"))
+        .expect("symlink");
+    let whole = std::fs::read(plugins.module_path("truncated")).expect("read");
+    std::fs::write(plugins.module_path("truncated"), &whole[..whole.len() / 2]).expect("truncate");
+
+    let form = Uuid::new_v4();
+    for module in [
+        "group_writable",
+        "foreign",
+        "escaping",
+        "inside",
+        "truncated",
+        "good",
+    ] {
+        db.attach(form, module, module, "echo", json!({}));
+    }
+    let server = TestServer::start(&db.url, plugins.path()).await;
+    let mut client = server.client().await;
+    let response = process(&mut client, form, sample()).await;
+    let failed = |name: &str, needles: &[&str]| {
+        let r = result(&response, name);
+        assert_eq!(r.outcome(), proto::v1::Outcome::Failed, "{name}: {r:?}");
+        for needle in needles {
+            assert!(r.error.contains(needle), "{name}: {}", r.error);
+        }
+    };
+    failed(
+        "group_writable",
+        &["writable by its group", "mode 664", "chmod go-w"],
+    );
+    if foreign_owner.is_ok() && runs_as_other_than(65534) {
+        failed("foreign", &["belongs to uid 65534"]);
+    }
+    failed("escaping", &["symlink", "outside the plugins directory"]);
+    failed("truncated", &["incomplete", "still being written"]);
+    for served in ["inside", "good"] {
+        let r = result(&response, served);
+        assert_eq!(
+            r.outcome(),
+            proto::v1::Outcome::Succeeded,
+            "{served}: {r:?}"
+        );
+    }
+
+    // `daisy plugin list` says the same.
+    let listed = Command::new(env!("CARGO_BIN_EXE_daisy"))
+        .args(["plugin", "list"])
+        .env("DATABASE_URL", &db.url)
+        .env("DAISY_PLUGINS_DIR", plugins.path())
+        .output()
+        .expect("daisy plugin list");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("group_writable"))
+        .expect("listed");
+    assert!(
+        line.contains("error") && line.contains("writable by its group"),
+        "{line}"
+    );
+    set_mode("group_writable", 0o644);
+
+    // Only allow-listed builds load when an allow-list is given.
+    let allowed = tempfile::NamedTempFile::new().expect("list");
+    std::fs::write(allowed.path(), "# nothing but this\n").expect("list");
+    let queue = TestQueue::new();
+    let mut hosts = proxy::plugins::HostConfig::new(test_support::daisy_bin());
+    hosts.allowed = proxy::plugins::AllowList::from_file(allowed.path()).expect("list");
+    let strict = TestServer::start_with(proxy::Config {
+        hosts,
+        ..server_config(&db.url, plugins.path(), queue.config.clone())
+    })
+    .await;
+    let mut client = strict.client().await;
+    let response = process(&mut client, form, sample()).await;
+    let r = result(&response, "good");
+    assert_eq!(r.outcome(), proto::v1::Outcome::Failed, "{r:?}");
+    assert!(
+        r.error.contains("--plugin-sha256 allow-list"),
+        "{}",
+        r.error
+    );
+}
+
+/// Whether this process runs as some other user than `uid`.
+fn runs_as_other_than(uid: u32) -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) != uid)
+        .unwrap_or(true)
+}
