@@ -1,12 +1,30 @@
 //! What protects the gRPC port: TLS (optionally mutual), API keys, and the
 //! secure defaults that decide them from the address served.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 
 use crate::auth::AuthMode;
+
+/// How often the certificate and key files are checked for a change.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// The longest a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The PEM files TLS is served with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,22 +38,160 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-impl TlsFiles {
-    /// tonic's TLS settings, read from the files now.
-    pub fn server_config(&self) -> anyhow::Result<ServerTlsConfig> {
-        let read = |path: &PathBuf, what: &str| {
-            std::fs::read(path).with_context(|| format!("reading the {what} '{}'", path.display()))
-        };
-        let identity = Identity::from_pem(
-            read(&self.cert, "TLS certificate")?,
-            read(&self.key, "TLS key")?,
-        );
-        let mut config = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
-        }
-        Ok(config)
+/// What identifies one state of the certificate and key files.
+type Stamp = Option<[(SystemTime, u64); 2]>;
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    let of = |path: &Path| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    };
+    Some([of(&files.cert)?, of(&files.key)?])
+}
+
+fn load_key(files: &TlsFiles) -> anyhow::Result<CertifiedKey> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect())
+        .with_context(|| format!("reading the TLS certificate '{}'", files.cert.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "'{}' holds no certificate",
+        files.cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("reading the TLS key '{}'", files.key.display()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .with_context(|| format!("'{}' is not a usable private key", files.key.display()))?;
+    Ok(CertifiedKey::new(certs, signing))
+}
+
+/// The served certificate, replaced when its files change.
+#[derive(Debug)]
+struct Reloading {
+    files: TlsFiles,
+    current: RwLock<(Arc<CertifiedKey>, Stamp)>,
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .expect("certificate lock poisoned")
+                .0
+                .clone(),
+        )
     }
+}
+
+impl Reloading {
+    /// Loads the files again if they changed; a pair that does not load
+    /// (say, the certificate written before its key) leaves the current one
+    /// serving and is tried again on the next change.
+    fn refresh(&self) {
+        let now = stamp(&self.files);
+        if now.is_none() || now == self.current.read().expect("certificate lock poisoned").1 {
+            return;
+        }
+        match load_key(&self.files) {
+            Ok(key) => {
+                *self.current.write().expect("certificate lock poisoned") = (Arc::new(key), now);
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+            }
+            Err(err) => {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "the changed TLS certificate or key does not load; the current one keeps serving"
+                );
+            }
+        }
+    }
+}
+
+impl TlsFiles {
+    /// A TLS acceptor serving the certificate, reloaded within a second
+    /// of its files changing, and requiring client certificates when
+    /// `client_ca` is set.
+    pub fn acceptor(&self) -> anyhow::Result<TlsAcceptor> {
+        let reloading = Arc::new(Reloading {
+            files: self.clone(),
+            current: RwLock::new((Arc::new(load_key(self)?), stamp(self))),
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca)
+                    .with_context(|| format!("reading the client CA '{}'", ca.display()))?
+                {
+                    roots
+                        .add(cert.with_context(|| format!("reading '{}'", ca.display()))?)
+                        .with_context(|| format!("'{}' is not a usable CA", ca.display()))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .context("the client certificate verifier")?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(reloading.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let weak = Arc::downgrade(&reloading);
+        tokio::spawn(async move {
+            // Ends when the server (the only other owner) is gone.
+            while let Some(reloading) = weak.upgrade() {
+                reloading.refresh();
+                drop(reloading);
+                tokio::time::sleep(RELOAD_EVERY).await;
+            }
+        });
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// The TLS connections accepted on `listener`, each handshake on a task of
+/// its own (bounded by a timeout), so that a slow or failing client holds
+/// up no other. Ends when the stream is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    }
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// How the gRPC port is protected.

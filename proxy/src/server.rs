@@ -18,6 +18,7 @@ use crate::{
     plugins::Plugins,
     queue::Publisher,
     registry::{Change, Registry},
+    security::tls_incoming,
 };
 
 /// The run log's backlog while the database is away (see [`RunLog`]).
@@ -121,25 +122,12 @@ pub async fn run(
         reflection = config.security.reflection,
         "daisy serving"
     );
-    // Small HTTP/2 frames go out at once: without TCP_NODELAY, Nagle's
-    // algorithm and the client's delayed ACK add ~40 ms to some responses.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
-    });
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &config.security.tls {
-        server = server
-            .tls_config(tls.server_config()?)
-            .context("configuring TLS")?;
-    }
     let (reflection, reflection_alpha) = if config.security.reflection {
         (Some(reflection), Some(reflection_alpha))
     } else {
         (None, None)
     };
-    server
+    let router = tonic::transport::Server::builder()
         // Bounds per connection, so that one client cannot hold the server:
         // streams (calls) at once, calls being served at once, and how long
         // one call may take (longer than any task's timeout should be).
@@ -154,9 +142,27 @@ pub async fn run(
         .add_service(health_service)
         .add_optional_service(reflection)
         .add_optional_service(reflection_alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_service(service);
+    match &config.security.tls {
+        Some(tls) => {
+            let acceptor = tls.acceptor().context("configuring TLS")?;
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, acceptor), shutdown)
+                .await?;
+        }
+        None => {
+            // Small HTTP/2 frames go out at once: without TCP_NODELAY, Nagle's
+            // algorithm and the client's delayed ACK add ~40 ms to some responses.
+            let incoming = TcpListenerStream::new(listener).map(|stream| {
+                let stream = stream?;
+                stream.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(stream)
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+    }
     // The service (and its run log sender) is gone: the writer flushes and ends.
     let _ = stop_relay.send(true);
     let _ = relay.await;

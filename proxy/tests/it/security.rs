@@ -95,6 +95,59 @@ async fn tls_is_served_and_a_plaintext_client_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_is_reloaded_when_its_files_change() {
+    let (db, plugins) = (TestDb::new(), PluginsDir::new());
+    plugins.install("echo", "echo");
+    let form = Uuid::new_v4();
+    db.attach(form, "echo", "echo", "echo", json!({}));
+    let (old, new) = (Pki::new(), Pki::new());
+    // The served files: a copy of the old PKI's, replaced in place later.
+    let served = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (
+        served.path().join("cert.pem"),
+        served.path().join("key.pem"),
+    );
+    std::fs::copy(old.path("server.pem"), &cert).expect("cert");
+    std::fs::copy(old.path("server.key"), &key).expect("key");
+    let server = server(
+        &db,
+        &plugins,
+        Security {
+            tls: Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+            }),
+            ..Security::default()
+        },
+    )
+    .await;
+    listening(server.addr).await;
+    let mut client = tls_client(&old, server.addr, false).await.expect("old CA");
+    process(&mut client, form, sample()).await;
+
+    // A renewed certificate (another CA here, so that the switch shows):
+    // key first, then certificate, as a renewal script writes them.
+    std::fs::copy(new.path("server.key"), &key).expect("key");
+    std::fs::copy(new.path("server.pem"), &cert).expect("cert");
+    let renewed = Instant::now();
+    loop {
+        if let Ok(mut client) = tls_client(&new, server.addr, false).await {
+            if client.process(request(form, sample())).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            renewed.elapsed() < Duration::from_secs(5),
+            "the new certificate was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // New connections no longer get the old certificate.
+    assert!(tls_client(&old, server.addr, false).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_refuses_a_client_without_a_certificate() {
     let (db, plugins, pki) = (TestDb::new(), PluginsDir::new(), Pki::new());
     plugins.install("echo", "echo");
