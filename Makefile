@@ -7,7 +7,7 @@ CARGO ?= cargo
 PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
 DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
 
-.PHONY: help build plugins fixtures migrate serve demo test fuzz soak lint check-schema bench bench-quick ci
+.PHONY: help build plugins fixtures migrate serve demo test fuzz soak lint deny audit check-schema bench bench-quick ci
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -56,6 +56,12 @@ lint: ## rustfmt, clippy and plugin-api's docs, warnings as errors
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p plugin-api --no-deps
+
+deny: ## cargo-deny: licenses, banned crates and sources (deny.toml)
+	$(CARGO) deny check licenses bans sources
+
+audit: ## cargo-deny's advisory check against the RustSec database (needs the network)
+	$(CARGO) deny check advisories
 
 check-schema: ## diesel CLI: migration run, redo and print-schema match the committed schema
 	scripts/check-schema.sh

@@ -9,8 +9,8 @@
 //! collector in the submit response. See README.md for the config.
 
 use evalexpr::{
-    ContextWithMutableVariables, DefaultNumericTypes, EvalexprError, HashMapContext, Node,
-    Value as Ev, build_operator_tree,
+    ContextWithMutableVariables, EvalexprError, HashMapContext, Node, Value as Ev,
+    build_operator_tree,
 };
 use plugin_api::{Input, Task, TaskError, Value, json};
 use schemars::JsonSchema;
@@ -60,7 +60,7 @@ pub struct Validate {
 }
 
 fn compile(rule: &str, what: &str, source: &str) -> Result<Node, TaskError> {
-    build_operator_tree::<DefaultNumericTypes>(source).map_err(|err| {
+    build_operator_tree(source).map_err(|err| {
         TaskError::permanent(format!(
             "rule '{rule}': syntax error in {what} '{source}': {err}"
         ))
@@ -133,7 +133,7 @@ fn evaluate(rule: &str, node: &Node, context: &HashMapContext) -> Result<bool, S
 impl Task for Validate {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
         let answers = input.answers();
-        let mut context = HashMapContext::<DefaultNumericTypes>::new();
+        let mut context = HashMapContext::new();
         for (key, value) in answers {
             if let Some(v) = to_ev(value) {
                 // Keys that are not identifiers simply cannot be referenced.
