@@ -67,21 +67,26 @@ run $DAISY migrate
 step "Google Sheets for the export"
 WORK=$(mktemp -d)
 PIDS_EXTRA=()
+# Secrets live in files of --secrets-dir (mode 0600); task configs name them.
+export DAISY_SECRETS_DIR="$WORK/secrets"
+mkdir -m 700 "$DAISY_SECRETS_DIR"
 if [ -n "${GOOGLE_CREDENTIALS_FILE:-}" ] && [ -n "${DEMO_SPREADSHEET_ID:-}" ]; then
     say "using the real Google APIs with $GOOGLE_CREDENTIALS_FILE, spreadsheet $DEMO_SPREADSHEET_ID"
-    SHEETS_CONFIG=$(jq -nc --arg c "$GOOGLE_CREDENTIALS_FILE" --arg s "$DEMO_SPREADSHEET_ID" \
-        '{credentials_file: $c, spreadsheet_id: $s, sheet: "Responses"}')
+    install -m 600 "$GOOGLE_CREDENTIALS_FILE" "$DAISY_SECRETS_DIR/google_sa"
+    SHEETS_CONFIG=$(jq -nc --arg s "$DEMO_SPREADSHEET_ID" \
+        '{credentials: {secret: "google_sa"}, spreadsheet_id: $s, sheet: "Responses"}')
 else
     EMAIL=demo-export@daisy-demo.iam.gserviceaccount.com
     KEY=plugins/google_sheets/tests/fixtures/test-key.pem
     jq -n --arg email "$EMAIL" --rawfile key "$KEY" --arg uri "http://127.0.0.1:$GOOGLE_PORT/token" \
-        '{type: "service_account", client_email: $email, private_key: $key, token_uri: $uri}' > "$WORK/service-account.json"
+        '{type: "service_account", client_email: $email, private_key: $key, token_uri: $uri}' > "$DAISY_SECRETS_DIR/google_sa"
+    chmod 600 "$DAISY_SECRETS_DIR/google_sa"
     $FAKE_GOOGLE --addr "127.0.0.1:$GOOGLE_PORT" --public-key "${KEY%.pem}.pub.pem" --issuer "$EMAIL" > "$WORK/sheets.txt" &
     FAKE_PID=$!; PIDS+=($FAKE_PID)
     wait_port "$GOOGLE_PORT"
     say "fake Google (token endpoint, Sheets, Drive) on 127.0.0.1:$GOOGLE_PORT, with a throwaway service account"
-    SHEETS_CONFIG=$(jq -nc --arg c "$WORK/service-account.json" --arg base "http://127.0.0.1:$GOOGLE_PORT" \
-        '{credentials_file: $c, spreadsheet_id: "sheet-1", sheet: "Responses", sheets_base_url: $base}')
+    SHEETS_CONFIG=$(jq -nc --arg base "http://127.0.0.1:$GOOGLE_PORT" \
+        '{credentials: {secret: "google_sa"}, spreadsheet_id: "sheet-1", sheet: "Responses", sheets_base_url: $base}')
 fi
 
 step "Start daisy serve ($DAISY_ADDR), a daisy worker, and the Collect backend ($COLLECT_ADDR)"

@@ -364,6 +364,58 @@ impl fmt::Display for TaskError {
 
 impl std::error::Error for TaskError {}
 
+/// A secret from Daisy's `--secrets-dir`, as a config field.
+///
+/// A task's stored config names it, `{"secret": "twilio_token"}`; Daisy reads
+/// the file of that name when it creates the task and hands the plugin its
+/// contents, so the value is never in the `tasks` table, in `daisy task
+/// list`, or in the plugin's environment. It prints as `Secret(<redacted>)`.
+///
+/// ```
+/// #[derive(serde::Deserialize, schemars::JsonSchema)]
+/// struct Config {
+///     /// The gateway's auth token.
+///     auth_token: plugin_api::Secret,
+/// }
+/// // What the plugin receives once Daisy has resolved the name:
+/// let config: Config = plugin_api::decode_config(plugin_api::json!({"auth_token": "s3cr3t"})).unwrap();
+/// assert_eq!(config.auth_token.expose(), "s3cr3t");
+/// assert_eq!(format!("{:?}", config.auth_token), "Secret(<redacted>)");
+/// ```
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's value; keep it out of messages and logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl schemars::JsonSchema for Secret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Secret".into()
+    }
+
+    /// The form a stored config takes: a reference by name.
+    fn json_schema(_generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A secret from Daisy's --secrets-dir, by file name",
+            "type": "object",
+            "properties": {"secret": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"}},
+            "required": ["secret"],
+            "additionalProperties": false,
+        })
+    }
+}
+
 /// Decodes a task's JSON config into its config type, naming the field at
 /// fault when it does not fit: `rules: invalid type: integer `5`, expected a
 /// sequence`. [`export_plugin!`] calls it before a typed constructor runs.

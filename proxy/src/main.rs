@@ -154,6 +154,10 @@ struct HostArgs {
     /// process; a crash there takes it down).
     #[arg(long, env = "DAISY_ISOLATION", value_enum, default_value = "process")]
     isolation: Isolation,
+    /// Where the secrets task configs name (`{"secret": "NAME"}`) live: one
+    /// file per secret, mode 0600 or stricter.
+    #[arg(long, env = "DAISY_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
     /// Load only the library builds whose SHA-256 this file lists (one per
     /// line, as `sha256sum` prints them).
     #[arg(long, env = "DAISY_PLUGIN_SHA256")]
@@ -221,6 +225,7 @@ impl HostArgs {
                 })?,
                 None => proxy::plugins::AllowList::any(),
             },
+            secrets_dir: self.secrets_dir.clone(),
             ..HostConfig::new(program)
         })
     }
@@ -835,6 +840,7 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                 serde_json::from_str(&config).context("--config is not valid JSON")?;
             anyhow::ensure!(timeout_ms > 0, "--timeout-ms must be positive");
             anyhow::ensure!(max_attempts > 0, "--max-attempts must be positive");
+            refuse_paths(&config, "", force)?;
             check_plugin(&plugins.plugins_dir, &module, &func, &config, force)?;
             let task = Registry::new(&db.config())
                 .attach(&NewTask {
@@ -974,6 +980,33 @@ fn cli_plugins(dir: &std::path::Path) -> anyhow::Result<(tokio::runtime::Runtime
         .block_on(async { Plugins::new(dir, HostConfig::new(program), Isolation::Process) })
         .context("creating the plugin loader")?;
     Ok((runtime, plugins))
+}
+
+/// Refuses a config that names a file by absolute path (at `at`): configs
+/// name secrets (`{"secret": "NAME"}`), never files. `force` only warns.
+fn refuse_paths(config: &serde_json::Value, at: &str, force: bool) -> anyhow::Result<()> {
+    match config {
+        serde_json::Value::String(s) if s.starts_with('/') => {
+            let why = format!(
+                "--config names the file '{s}' at `{}`: task configs may not name files; put a secret in --secrets-dir and write {{\"secret\": \"NAME\"}}",
+                if at.is_empty() { "/" } else { at }
+            );
+            if force {
+                eprintln!("warning: {why} (attached anyway, --force)");
+                Ok(())
+            } else {
+                anyhow::bail!("{why} (--force attaches anyway)")
+            }
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| refuse_paths(v, &format!("{at}/{i}"), force)),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .try_for_each(|(k, v)| refuse_paths(v, &format!("{at}/{k}"), force)),
+        _ => Ok(()),
+    }
 }
 
 /// Checks `config` against the schema the task's plugin declares, when its

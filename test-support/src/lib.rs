@@ -12,7 +12,9 @@
 //! the `daisy` binary from `target/debug`.
 
 mod pki;
+mod secrets;
 pub use pki::Pki;
+pub use secrets::SecretsDir;
 
 use std::{
     net::SocketAddr,

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use plugin_api::{Input, Task, TaskError, Value, json};
+use plugin_api::{Input, Secret, Task, TaskError, Value, json};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -76,8 +76,13 @@ struct Answer {
 /// The task's config.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct Config {
-    /// The service account key file (JSON, as Google Cloud exports it).
-    pub credentials_file: String,
+    /// The service account key (the JSON Google Cloud exports):
+    /// `{"secret": "NAME"}`, a file of Daisy's `--secrets-dir`.
+    pub credentials: Secret,
+    /// No longer read (a file path): refused with a hint.
+    #[serde(default)]
+    #[schemars(skip)]
+    pub credentials_file: Option<Value>,
     /// The spreadsheet to append to; without it, one spreadsheet per form
     /// is created (and shared with the form's owners and `share_with`).
     #[serde(default)]
@@ -121,20 +126,22 @@ fn default_drive_url() -> String {
 impl GoogleSheets {
     /// Builds the task: reads the key file; see README.md for the config.
     pub fn new(config: Config) -> Result<Self, TaskError> {
-        let path = &config.credentials_file;
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TaskError::permanent(format!("reading credentials file '{path}': {e}")))?;
-        let account: ServiceAccount = plugin_api::serde_json::from_str(&text).map_err(|e| {
-            TaskError::permanent(format!(
-                "credentials file '{path}' is not a service account key: {e}"
-            ))
-        })?;
-        let key = jsonwebtoken::EncodingKey::from_rsa_pem(account.private_key.as_bytes()).map_err(
-            |e| {
+        if config.credentials_file.is_some() {
+            return Err(TaskError::permanent(
+                "credentials_file is no longer read: put the service account key in a file of Daisy's --secrets-dir and set \"credentials\": {\"secret\": \"NAME\"}",
+            ));
+        }
+        // The key's contents are never quoted in errors: only what is wrong.
+        let account: ServiceAccount = plugin_api::serde_json::from_str(config.credentials.expose())
+            .map_err(|e| {
                 TaskError::permanent(format!(
-                    "private key in '{path}' is not an RSA PEM key: {e}"
+                    "the credentials secret is not a service account key (line {}, column {})",
+                    e.line(),
+                    e.column()
                 ))
-            },
+            })?;
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(account.private_key.as_bytes()).map_err(
+            |_| TaskError::permanent("the credentials secret's private_key is not an RSA PEM key"),
         )?;
         let url = |url: &str| url.trim_end_matches('/').to_owned();
         Ok(GoogleSheets {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use example_fake_google::Google;
 use proto::v1::RunState;
 use serde_json::json;
-use test_support::Stack;
+use test_support::{SecretsDir, Stack};
 use uuid::Uuid;
 
 const EMAIL: &str = "daisy-export@test-project.iam.gserviceaccount.com";
@@ -23,23 +23,26 @@ async fn fake_google(throttle: u32) -> (Google, String) {
     (google, base)
 }
 
-fn credentials(email: &str, token_uri: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("sa-{}.json", Uuid::new_v4().simple()));
+/// A secrets directory holding the service account key as `google_sa`.
+fn credentials(email: &str, token_uri: &str) -> SecretsDir {
     let key = include_str!("fixtures/test-key.pem");
-    std::fs::write(&path, json!({
+    SecretsDir::new(&[("google_sa", &json!({
         "type": "service_account", "client_email": email, "private_key": key, "token_uri": token_uri,
-    }).to_string()).expect("writing credentials");
-    path
+    }).to_string())])
 }
 
 #[tokio::test]
 async fn rows_and_header_are_written_with_one_token_and_a_429_burst_loses_nothing() {
     let (google, base) = fake_google(3).await;
     let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let mut stack = Stack::start(
+        &[("google_sheets", "google_sheets")],
+        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    )
+    .await;
     let form = Uuid::new_v4();
     stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
-        "credentials_file": creds, "spreadsheet_id": "sheet-1", "sheet": "Responses", "sheets_base_url": base,
+        "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheet": "Responses", "sheets_base_url": base,
     }));
 
     let mut submissions = Vec::new();
@@ -95,7 +98,6 @@ async fn rows_and_header_are_written_with_one_token_and_a_429_burst_loses_nothin
             ]
         );
     }
-    let _ = std::fs::remove_file(creds);
 }
 
 #[tokio::test]
@@ -106,7 +108,11 @@ async fn a_key_the_token_endpoint_rejects_is_a_permanent_error() {
         "stranger@elsewhere.iam.gserviceaccount.com",
         &format!("{base}/token"),
     );
-    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let mut stack = Stack::start(
+        &[("google_sheets", "google_sheets")],
+        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    )
+    .await;
     let form = Uuid::new_v4();
     stack.attach(
         form,
@@ -115,7 +121,7 @@ async fn a_key_the_token_endpoint_rejects_is_a_permanent_error() {
         "append_row",
         true,
         &json!({
-            "credentials_file": creds, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
+            "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
         }),
     );
 
@@ -129,17 +135,20 @@ async fn a_key_the_token_endpoint_rejects_is_a_permanent_error() {
         runs[0].last_error
     );
     assert!(google.rows_of("sheet-1").is_empty());
-    let _ = std::fs::remove_file(creds);
 }
 
 #[tokio::test]
 async fn without_a_spreadsheet_id_one_is_created_per_form_and_shared() {
     let (google, base) = fake_google(0).await;
     let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let mut stack = Stack::start(
+        &[("google_sheets", "google_sheets")],
+        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    )
+    .await;
     let form = Uuid::new_v4();
     stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
-        "credentials_file": creds, "sheet": "Responses", "share_with": ["ops@example.org", "lead@example.org"],
+        "credentials": {"secret": "google_sa"}, "sheet": "Responses", "share_with": ["ops@example.org", "lead@example.org"],
         "sheets_base_url": base, "drive_base_url": base,
     }));
 
@@ -166,14 +175,17 @@ async fn without_a_spreadsheet_id_one_is_created_per_form_and_shared() {
         google.header_of(&id),
         [json!("submission_id"), json!("form_id"), json!("n")]
     );
-    let _ = std::fs::remove_file(creds);
 }
 
 #[tokio::test]
 async fn a_new_spreadsheet_is_shared_with_the_form_owners_from_the_submission_context() {
     let (google, base) = fake_google(0).await;
     let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(&[("google_sheets", "google_sheets")], &[]).await;
+    let mut stack = Stack::start(
+        &[("google_sheets", "google_sheets")],
+        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    )
+    .await;
     let form = Uuid::new_v4();
     stack.attach(
         form,
@@ -182,7 +194,7 @@ async fn a_new_spreadsheet_is_shared_with_the_form_owners_from_the_submission_co
         "append_row",
         true,
         &json!({
-            "credentials_file": creds, "share_with": ["ops@example.org", "owner@example.org"],
+            "credentials": {"secret": "google_sa"}, "share_with": ["ops@example.org", "owner@example.org"],
             "sheets_base_url": base, "drive_base_url": base,
         }),
     );
@@ -211,5 +223,4 @@ async fn a_new_spreadsheet_is_shared_with_the_form_owners_from_the_submission_co
         ["owner@example.org", "second@example.org", "ops@example.org"]
     );
     assert_eq!(google.rows_of(&id).len(), 2);
-    let _ = std::fs::remove_file(creds);
 }

@@ -30,12 +30,8 @@ pub struct Config {
     /// The answer naming the city whose dictionary applies.
     #[serde(default = "default_city_field")]
     pub city_field: String,
-    /// The dictionaries inline: city → {term: meaning}.
-    #[serde(default)]
-    pub dictionaries: Option<Dictionaries>,
-    /// Or a JSON file holding them, read when the task is created.
-    #[serde(default)]
-    pub dictionary_file: Option<String>,
+    /// The dictionaries: city → {term: meaning}.
+    pub dictionaries: Dictionaries,
 }
 
 fn default_text_field() -> String {
@@ -61,30 +57,9 @@ fn lowered(dictionaries: Dictionaries) -> Dictionaries {
 }
 
 impl Slang {
-    /// Builds the task; the dictionaries come inline or from
-    /// `dictionary_file`.
+    /// Builds the task from its dictionaries (task configs name no files).
     pub fn new(config: Config) -> Result<Self, TaskError> {
-        let dictionaries = match (config.dictionaries, config.dictionary_file) {
-            (Some(inline), _) => inline,
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    TaskError::permanent(format!("reading dictionary file '{path}': {e}"))
-                })?;
-                let value: Value = plugin_api::serde_json::from_str(&text).map_err(|e| {
-                    TaskError::permanent(format!("dictionary file '{path}' is not JSON: {e}"))
-                })?;
-                plugin_api::decode_config(value).map_err(|e| {
-                    TaskError::permanent(format!(
-                        "dictionary file '{path}' is not city → {{term: meaning}}: {e}"
-                    ))
-                })?
-            }
-            (None, None) => {
-                return Err(TaskError::permanent(
-                    "config needs 'dictionaries' or 'dictionary_file'",
-                ));
-            }
-        };
+        let dictionaries = config.dictionaries;
         Ok(Slang {
             text_field: config.text_field,
             city_field: config.city_field,

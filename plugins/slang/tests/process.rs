@@ -7,12 +7,6 @@ use uuid::Uuid;
 #[tokio::test]
 async fn meanings_come_back_in_the_process_response() {
     let mut stack = Stack::start(&[("slang", "slang")], &[]).await;
-    let dictionary = std::env::temp_dir().join(format!("slang-{}.json", Uuid::new_v4().simple()));
-    std::fs::write(
-        &dictionary,
-        json!({"Lagos": {"wahala": "trouble", "japa": "to emigrate"}}).to_string(),
-    )
-    .expect("writing");
     let form = Uuid::new_v4();
     stack.attach(
         form,
@@ -21,7 +15,8 @@ async fn meanings_come_back_in_the_process_response() {
         "slang",
         false,
         &json!({
-            "text_field": "comment", "city_field": "city", "dictionary_file": dictionary,
+            "text_field": "comment", "city_field": "city",
+            "dictionaries": {"Lagos": {"wahala": "trouble", "japa": "to emigrate"}},
         }),
     );
 
@@ -45,5 +40,4 @@ async fn meanings_come_back_in_the_process_response() {
             {"term": "japa", "meaning": "to emigrate"},
         ]})
     );
-    let _ = std::fs::remove_file(dictionary);
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use plugin_api::{Input, Task, TaskError, Value, json};
+use plugin_api::{Input, Secret, Task, TaskError, Value, json};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -37,12 +37,17 @@ pub struct Config {
     /// How long one request to the gateway may take, in milliseconds.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
-    /// The environment variable holding the auth token.
+    /// The gateway's auth token: `{"secret": "NAME"}`, a file of Daisy's
+    /// `--secrets-dir`.
+    pub auth_token: Secret,
+    /// No longer read (an environment variable name): refused with a hint.
     #[serde(default)]
-    pub auth_token_env: Option<String>,
-    /// Or the file holding it.
+    #[schemars(skip)]
+    pub auth_token_env: Option<Value>,
+    /// No longer read (a file path): refused with a hint.
     #[serde(default)]
-    pub auth_token_file: Option<String>,
+    #[schemars(skip)]
+    pub auth_token_file: Option<Value>,
 }
 
 fn default_phone_field() -> String {
@@ -57,33 +62,15 @@ fn default_timeout_ms() -> u64 {
     10_000
 }
 
-impl Config {
-    /// The auth token, from `auth_token_env` or `auth_token_file`.
-    fn auth_token(&self) -> Result<String, TaskError> {
-        if let Some(var) = &self.auth_token_env {
-            return std::env::var(var).map_err(|_| {
-                TaskError::permanent(format!(
-                    "environment variable {var} (auth_token) is not set"
-                ))
-            });
-        }
-        if let Some(path) = &self.auth_token_file {
-            return std::fs::read_to_string(path)
-                .map(|s| s.trim().to_owned())
-                .map_err(|e| {
-                    TaskError::permanent(format!("reading auth_token from '{path}': {e}"))
-                });
-        }
-        Err(TaskError::permanent(
-            "config needs 'auth_token_env' or 'auth_token_file'",
-        ))
-    }
-}
-
 impl Sms {
     /// Builds the task: see README.md for the config.
     pub fn new(config: Config) -> Result<Self, TaskError> {
-        let token = config.auth_token()?;
+        if config.auth_token_env.is_some() || config.auth_token_file.is_some() {
+            return Err(TaskError::permanent(
+                "auth_token_env and auth_token_file are no longer read: put the token in a file of Daisy's --secrets-dir and set \"auth_token\": {\"secret\": \"NAME\"}",
+            ));
+        }
+        let token = config.auth_token.expose();
         let base_url = config.base_url.trim_end_matches('/');
         let account = &config.account_sid;
         let agent = ureq::Agent::config_builder()

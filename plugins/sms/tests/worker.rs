@@ -15,7 +15,7 @@ use axum::{
 };
 use proto::v1::RunState;
 use serde_json::json;
-use test_support::Stack;
+use test_support::{SecretsDir, Stack};
 use uuid::Uuid;
 
 const ACCOUNT: &str = "AC0123456789abcdef";
@@ -91,7 +91,7 @@ async fn fake_gateway(gateway: Gateway) -> String {
 
 fn config(base_url: &str) -> serde_json::Value {
     json!({
-        "base_url": base_url, "account_sid": ACCOUNT, "auth_token_env": "TEST_SMS_TOKEN",
+        "base_url": base_url, "account_sid": ACCOUNT, "auth_token": {"secret": "twilio_token"},
         "from": "+15005550006", "phone_field": "phone",
         "template": "Thanks {name}! We received your rating of {rating}.",
     })
@@ -102,12 +102,10 @@ async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
     let gateway = Gateway::default();
     *gateway.throttle.lock().expect("lock") = 2;
     let base = fake_gateway(gateway.clone()).await;
+    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
     let mut stack = Stack::start(
         &[("sms", "sms")],
-        &[
-            ("TEST_SMS_TOKEN", TOKEN),
-            ("DAISY_PLUGIN_ENV", "TEST_SMS_TOKEN"),
-        ],
+        &[("DAISY_SECRETS_DIR", secrets.env_value())],
     )
     .await;
     let form = Uuid::new_v4();
@@ -136,12 +134,10 @@ async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
 async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
     let gateway = Gateway::default();
     let base = fake_gateway(gateway.clone()).await;
+    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
     let mut stack = Stack::start(
         &[("sms", "sms")],
-        &[
-            ("TEST_SMS_TOKEN", TOKEN),
-            ("DAISY_PLUGIN_ENV", "TEST_SMS_TOKEN"),
-        ],
+        &[("DAISY_SECRETS_DIR", secrets.env_value())],
     )
     .await;
     let form = Uuid::new_v4();
@@ -172,12 +168,10 @@ async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
 #[tokio::test]
 async fn wrong_credentials_are_a_permanent_error_with_the_gateways_message() {
     let base = fake_gateway(Gateway::default()).await;
+    let secrets = SecretsDir::new(&[("twilio_token", "wrong")]);
     let mut stack = Stack::start(
         &[("sms", "sms")],
-        &[
-            ("TEST_SMS_TOKEN", "wrong"),
-            ("DAISY_PLUGIN_ENV", "TEST_SMS_TOKEN"),
-        ],
+        &[("DAISY_SECRETS_DIR", secrets.env_value())],
     )
     .await;
     let form = Uuid::new_v4();

@@ -17,6 +17,7 @@ pub mod files;
 pub mod host;
 mod inproc;
 pub mod schema;
+mod secrets;
 pub mod supervisor;
 mod wire;
 
@@ -31,6 +32,7 @@ use uuid::Uuid;
 
 pub use self::{
     files::{AllowList, library_file_name, validate_name},
+    secrets::Secrets,
     supervisor::{HostConfig, Quarantined},
 };
 use self::{
@@ -99,6 +101,7 @@ pub struct Plugins {
     inproc: Arc<InProcess>,
     hosts: Arc<Supervisor>,
     default: Isolation,
+    secrets: Secrets,
 }
 
 impl Plugins {
@@ -112,6 +115,7 @@ impl Plugins {
         let dir = dir.into();
         Ok(Plugins {
             inproc: Arc::new(InProcess::new(&dir, hosts.allowed.clone())?),
+            secrets: Secrets::new(hosts.secrets_dir.clone()),
             hosts: Supervisor::new(&dir, hosts)?,
             dir,
             default,
@@ -137,6 +141,19 @@ impl Plugins {
         if let Err(err) = validate_name("func", &task.func) {
             return failed(err);
         }
+        // Secrets named in the config are read here, never stored with it.
+        let resolved;
+        let task = match self.secrets.resolve(&task.config) {
+            Ok(None) => task,
+            Ok(Some(config)) => {
+                resolved = TaskDef {
+                    config,
+                    ..task.clone()
+                };
+                &resolved
+            }
+            Err(reason) => return failed(Secrets::error(&task.module, reason)),
+        };
         let timed_out = || {
             Outcome::TimedOut(format!(
                 "task '{}' timed out after {} ms",

@@ -77,6 +77,8 @@ pub struct HostConfig {
     pub quarantine_window: Duration,
     /// Which builds may be loaded (`--plugin-sha256`), in hosts and in-process.
     pub allowed: AllowList,
+    /// Where the secrets that task configs name live (`--secrets-dir`).
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl HostConfig {
@@ -95,6 +97,7 @@ impl HostConfig {
             quarantine_after: 3,
             quarantine_window: Duration::from_secs(600),
             allowed: AllowList::any(),
+            secrets_dir: None,
         }
     }
 }

@@ -439,3 +439,79 @@ fn runs_as_other_than(uid: u32) -> bool {
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) != uid)
         .unwrap_or(true)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_resolved_by_name_and_configs_may_not_name_files() {
+    let (db, plugins) = (TestDb::new(), PluginsDir::new());
+    plugins.install("testkit", "testkit");
+    let secrets = test_support::SecretsDir::new(&[("api_token", "s3cr3t-value\n")]);
+    let form = Uuid::new_v4();
+    // testkit's `config` task returns the config it was built with.
+    db.attach(
+        form,
+        "named",
+        "testkit",
+        "config",
+        json!({"token": {"secret": "api_token"}, "plain": 1}),
+    );
+    db.attach(
+        form,
+        "missing",
+        "testkit",
+        "config",
+        json!({"token": {"secret": "nope"}}),
+    );
+    let queue = TestQueue::new();
+    let mut hosts = proxy::plugins::HostConfig::new(test_support::daisy_bin());
+    hosts.secrets_dir = Some(secrets.path().to_owned());
+    let server = TestServer::start_with(proxy::Config {
+        hosts,
+        ..server_config(&db.url, plugins.path(), queue.config.clone())
+    })
+    .await;
+    let mut client = server.client().await;
+    let response = process(&mut client, form, sample()).await;
+    let named = result(&response, "named");
+    assert_eq!(named.outcome(), proto::v1::Outcome::Succeeded, "{named:?}");
+    assert_eq!(
+        to_json(named.output.as_ref().expect("output")),
+        json!({"token": "s3cr3t-value", "plain": 1})
+    );
+    let missing = result(&response, "missing");
+    assert_eq!(missing.outcome(), proto::v1::Outcome::Failed);
+    assert!(missing.error.contains("secret 'nope'"), "{}", missing.error);
+    // The stored config still holds only the name.
+    let stored = db.registry().list(Some(form)).expect("tasks");
+    assert!(
+        stored
+            .iter()
+            .all(|t| !t.config.to_string().contains("s3cr3t"))
+    );
+
+    // A config naming a file is refused at attach, naming where.
+    let attach = Command::new(env!("CARGO_BIN_EXE_daisy"))
+        .args([
+            "task",
+            "attach",
+            "--form",
+            &form.to_string(),
+            "--name",
+            "leak",
+            "--module",
+            "testkit",
+            "--func",
+            "config",
+            "--config",
+            r#"{"auth": {"token_file": "/etc/daisy/token"}}"#,
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("DAISY_PLUGINS_DIR", plugins.path())
+        .output()
+        .expect("daisy task attach");
+    assert!(!attach.status.success(), "a file path was attached");
+    let err = String::from_utf8_lossy(&attach.stderr);
+    assert!(
+        err.contains("`/auth/token_file`") && err.contains("secrets-dir"),
+        "{err}"
+    );
+}
