@@ -132,6 +132,10 @@ struct QueueArgs {
     /// Deliveries after which a run that keeps killing workers is dead (quorum only).
     #[arg(long, env = "DAISY_DELIVERY_LIMIT", default_value_t = 5)]
     delivery_limit: u32,
+    /// For an `amqps://` URL: the CA (PEM) the broker's certificate must
+    /// chain to (the public web roots if not given).
+    #[arg(long, env = "DAISY_AMQP_CA")]
+    amqp_ca: Option<PathBuf>,
 }
 
 impl QueueArgs {
@@ -143,6 +147,7 @@ impl QueueArgs {
             queue_type: self.queue_type,
             delivery_limit: self.delivery_limit,
             confirm_timeout: Duration::from_secs(10),
+            ca_file: self.amqp_ca.clone(),
         }
     }
 }

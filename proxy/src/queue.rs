@@ -60,6 +60,9 @@ pub struct QueueConfig {
     pub delivery_limit: u32,
     /// How long a publish waits for the broker's confirm.
     pub confirm_timeout: Duration,
+    /// For an `amqps://` URL: the CA (PEM) the broker's certificate must
+    /// chain to; the public web roots if not given.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for QueueConfig {
@@ -113,6 +116,12 @@ async fn open(config: &QueueConfig, name: &str) -> Result<(Connection, Channel),
     args.virtual_host(&vhost)
         .connection_name(name)
         .heartbeat(10);
+    if args.get_scheme() == Some("amqps") {
+        let host = args.get_host().to_owned();
+        let tls = amqprs::tls::TlsAdaptor::without_client_auth(config.ca_file.as_deref(), host)
+            .map_err(|err| QueueError::Connect(format!("the broker's TLS settings: {err}")))?;
+        args.tls_adaptor(tls);
+    }
     let connection = Connection::open(&args).await.map_err(connect)?;
     let channel = connection.open_channel(None).await.map_err(connect)?;
     declare(&channel, config).await.map_err(connect)?;

@@ -13,7 +13,7 @@
 
 mod pki;
 mod secrets;
-pub use pki::Pki;
+pub use pki::{Pki, TlsRelay};
 pub use secrets::SecretsDir;
 
 use std::{

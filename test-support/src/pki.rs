@@ -139,3 +139,61 @@ impl Default for Pki {
         Pki::new()
     }
 }
+
+/// A TLS terminator on loopback in front of a plaintext service (the test
+/// broker speaks plain AMQP): `amqps://` clients connect to it with the
+/// PKI's server certificate.
+pub struct TlsRelay {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TlsRelay {
+    /// Starts one in front of `target`, serving `pki`'s server certificate.
+    pub async fn start(target: std::net::SocketAddr, pki: &Pki) -> TlsRelay {
+        use tokio_rustls::rustls::{
+            ServerConfig,
+            pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        };
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(pki.path("server.pem"))
+                .expect("certificate")
+                .collect::<Result<_, _>>()
+                .expect("certificate");
+        let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).expect("key");
+        let config = ServerConfig::builder_with_provider(std::sync::Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the TLS relay");
+        let addr = listener.local_addr().expect("address");
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(inbound).await else {
+                        return;
+                    };
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        TlsRelay { addr, accept }
+    }
+}
+
+impl Drop for TlsRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

@@ -515,3 +515,59 @@ async fn secrets_are_resolved_by_name_and_configs_may_not_name_files() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_travel_to_the_worker_over_amqps() {
+    let (db, plugins, pki) = (TestDb::new(), PluginsDir::new(), Pki::new());
+    plugins.install("testkit", "testkit");
+    let queue = TestQueue::new();
+    // The test broker speaks plain AMQP: a TLS terminator stands in front.
+    let relay = test_support::TlsRelay::start(test_support::amqp_addr(), &pki).await;
+    let amqps = queue
+        .names
+        .url_via(relay.addr)
+        .replacen("amqp://", "amqps://", 1)
+        .replace("127.0.0.1", "localhost");
+    let form = Uuid::new_v4();
+    db.attach_with(crate::asynchronous::async_task(
+        form,
+        "later",
+        "config",
+        json!({"over": "tls"}),
+        3,
+    ));
+    let ca = pki.path("ca.pem");
+    let server = TestServer::start_with(proxy::Config {
+        queue: proxy::queue::QueueConfig {
+            url: amqps.clone(),
+            ca_file: Some(ca.clone()),
+            ..queue.config.clone()
+        },
+        ..server_config(&db.url, plugins.path(), queue.config.clone())
+    })
+    .await;
+    let _worker = Daisy::worker(
+        &db.url,
+        plugins.path(),
+        &queue.names,
+        &amqps,
+        &["--amqp-ca", ca.to_str().expect("utf-8")],
+    );
+    let mut client = server.client().await;
+    let sent = request(form, sample());
+    client.process(sent.clone()).await.expect("accepted");
+    let runs = wait_for_runs(
+        &mut client,
+        &sent.submission_id,
+        Duration::from_secs(60),
+        |runs| {
+            runs.first()
+                .is_some_and(|r| r.state() == proto::v1::RunState::Succeeded)
+        },
+    )
+    .await;
+    assert_eq!(
+        to_json(runs[0].output.as_ref().expect("output")),
+        json!({"over": "tls"})
+    );
+}

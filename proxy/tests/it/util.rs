@@ -112,6 +112,7 @@ impl TestQueue {
             queue_type: QueueType::Quorum,
             delivery_limit: names.delivery_limit,
             confirm_timeout: Duration::from_secs(5),
+            ca_file: None,
         };
         TestQueue { names, config }
     }
