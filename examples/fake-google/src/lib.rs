@@ -70,6 +70,13 @@ impl Google {
         google
     }
 
+    /// Revokes every access token issued so far, before its stated
+    /// lifetime, as Google does when a key is rotated or access is
+    /// withdrawn: calls with them get 401 until a new one is exchanged.
+    pub fn revoke_tokens(&self) {
+        self.tokens.lock().expect("lock").clear();
+    }
+
     /// Rows appended to `spreadsheet`.
     pub fn rows_of(&self, spreadsheet: &str) -> Vec<Vec<Value>> {
         self.rows

@@ -211,6 +211,37 @@ impl GoogleSheets {
         Ok(format!("Bearer {}", self.token()?))
     }
 
+    /// Sends an authorised request (`send` gets the `Authorization` value).
+    /// A 401 means the cached token was revoked or expired early: it is
+    /// dropped, a new one is exchanged, and the call is made once more; a
+    /// 401 with a fresh token is permanent, with Google's message.
+    fn authed(
+        &self,
+        what: &str,
+        send: impl Fn(&str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Answer, TaskError> {
+        let bearer = self.bearer()?;
+        match send(&bearer) {
+            Ok(response) if response.status().as_u16() == 401 => {
+                self.forget_token(&bearer);
+                check(what, send(&self.bearer()?))
+            }
+            sent => check(what, sent),
+        }
+    }
+
+    /// Drops the cached token if it is still the one in `bearer`.
+    fn forget_token(&self, bearer: &str) {
+        if let Ok(mut cached) = self.token.lock() {
+            if cached
+                .as_ref()
+                .is_some_and(|(token, _)| bearer.strip_prefix("Bearer ") == Some(token.as_str()))
+            {
+                *cached = None;
+            }
+        }
+    }
+
     /// The spreadsheet for `form`: configured, or created (once) per form.
     /// The form's spreadsheet: configured, found in Drive, or created and
     /// shared with the form's `owners` (from the submission context) and
@@ -226,36 +257,28 @@ impl GoogleSheets {
         if let Some(id) = per_form.get(form) {
             return Ok(id.clone());
         }
-        let bearer = self.bearer()?;
         // Created earlier (by this or another worker)? Drive knows by appProperties.
         let query = format!(
             "appProperties has {{ key='daisy_form' and value='{form}' }} and trashed = false"
         );
-        let found = check(
-            "finding the form's spreadsheet",
+        let found = self.authed("finding the form's spreadsheet", |bearer| {
             self.agent
                 .get(format!("{}/drive/v3/files", self.drive_url))
                 .query("q", &query)
                 .query("fields", "files(id)")
-                .header("Authorization", &bearer)
-                .call(),
-        )?;
+                .header("Authorization", bearer)
+                .call()
+        })?;
         let id = match found.body["files"][0]["id"].as_str() {
             Some(id) => id.to_owned(),
-            None => self.create_spreadsheet(form, owners, &bearer)?,
+            None => self.create_spreadsheet(form, owners)?,
         };
         per_form.insert(form.to_owned(), id.clone());
         Ok(id)
     }
 
-    fn create_spreadsheet(
-        &self,
-        form: &str,
-        owners: &[String],
-        bearer: &str,
-    ) -> Result<String, TaskError> {
-        let created = check(
-            "creating the form's spreadsheet",
+    fn create_spreadsheet(&self, form: &str, owners: &[String]) -> Result<String, TaskError> {
+        let created = self.authed("creating the form's spreadsheet", |bearer| {
             self.agent
                 .post(format!("{}/drive/v3/files", self.drive_url))
                 .header("Authorization", bearer)
@@ -263,8 +286,8 @@ impl GoogleSheets {
                     "name": format!("Daisy responses {form}"),
                     "mimeType": "application/vnd.google-apps.spreadsheet",
                     "appProperties": {"daisy_form": form},
-                })),
-        )?;
+                }))
+        })?;
         let id = created.body["id"]
             .as_str()
             .ok_or_else(|| TaskError::retryable("Drive created a file without an id"))?
@@ -276,8 +299,7 @@ impl GoogleSheets {
             }
         }
         for email in share_with {
-            check(
-                &format!("sharing the spreadsheet with {email}"),
+            self.authed(&format!("sharing the spreadsheet with {email}"), |bearer| {
                 self.agent
                     .post(format!(
                         "{}/drive/v3/files/{id}/permissions",
@@ -285,12 +307,11 @@ impl GoogleSheets {
                     ))
                     .query("sendNotificationEmail", "false")
                     .header("Authorization", bearer)
-                    .send_json(json!({"type": "user", "role": "writer", "emailAddress": email})),
-            )?;
+                    .send_json(json!({"type": "user", "role": "writer", "emailAddress": email}))
+            })?;
         }
         // A new spreadsheet has one sheet, "Sheet1": add ours.
-        check(
-            "adding the sheet",
+        self.authed("adding the sheet", |bearer| {
             self.agent
                 .post(format!(
                     "{}/v4/spreadsheets/{id}:batchUpdate",
@@ -299,8 +320,8 @@ impl GoogleSheets {
                 .header("Authorization", bearer)
                 .send_json(
                     json!({"requests": [{"addSheet": {"properties": {"title": self.sheet}}}]}),
-                ),
-        )?;
+                )
+        })?;
         Ok(id)
     }
 
@@ -318,15 +339,13 @@ impl GoogleSheets {
             .headers
             .lock()
             .map_err(|_| TaskError::retryable("cache poisoned"))?;
-        let bearer = self.bearer()?;
         if !headers.contains_key(spreadsheet) {
-            let read = check(
-                "reading the header row",
+            let read = self.authed("reading the header row", |bearer| {
                 self.agent
                     .get(self.values_url(spreadsheet, "1:1"))
-                    .header("Authorization", &bearer)
-                    .call(),
-            )?;
+                    .header("Authorization", bearer)
+                    .call()
+            })?;
             let existing = read.body["values"][0]
                 .as_array()
                 .map(|row| {
@@ -347,14 +366,13 @@ impl GoogleSheets {
         if !missing.is_empty() {
             let mut widened = header.clone();
             widened.extend(missing);
-            check(
-                "writing the header row",
+            self.authed("writing the header row", |bearer| {
                 self.agent
                     .put(self.values_url(spreadsheet, "1:1"))
                     .query("valueInputOption", "RAW")
-                    .header("Authorization", &bearer)
-                    .send_json(json!({ "values": [widened] })),
-            )?;
+                    .header("Authorization", bearer)
+                    .send_json(json!({ "values": [&widened] }))
+            })?;
             *header = widened;
         }
         Ok(header.clone())
@@ -444,16 +462,14 @@ impl Task for GoogleSheets {
                 key => cell(answers.get(key)),
             })
             .collect();
-        let bearer = self.bearer()?;
-        let appended = check(
-            "appending the row",
+        let appended = self.authed("appending the row", |bearer| {
             self.agent
                 .post(format!("{}:append", self.values_url(&spreadsheet, "A1")))
                 .query("valueInputOption", "RAW")
                 .query("insertDataOption", "INSERT_ROWS")
-                .header("Authorization", &bearer)
-                .send_json(json!({ "values": [row] })),
-        )?;
+                .header("Authorization", bearer)
+                .send_json(json!({ "values": [&row] }))
+        })?;
         Ok(json!({
             "spreadsheet_id": spreadsheet,
             "updated_range": appended.body["updates"]["updatedRange"],

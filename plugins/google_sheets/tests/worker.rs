@@ -224,3 +224,39 @@ async fn a_new_spreadsheet_is_shared_with_the_form_owners_from_the_submission_co
     );
     assert_eq!(google.rows_of(&id).len(), 2);
 }
+
+#[tokio::test]
+async fn a_token_revoked_before_its_expiry_is_replaced_once_and_every_run_succeeds() {
+    let (google, base) = fake_google(0).await;
+    let creds = credentials(EMAIL, &format!("{base}/token"));
+    let mut stack = Stack::start(
+        &[("google_sheets", "google_sheets")],
+        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    )
+    .await;
+    let form = Uuid::new_v4();
+    stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
+        "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
+    }));
+    let mut submit = async |n: usize| {
+        let (id, _) = stack.process(form, json!({"answers": {"n": n}})).await;
+        let runs = stack.settled(&id, Duration::from_secs(60)).await;
+        assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+        assert_eq!(runs[0].attempts, 1, "{runs:?}");
+    };
+    for n in 0..3 {
+        submit(n).await;
+    }
+    assert_eq!(*google.exchanges.lock().expect("lock"), 1);
+    // Revoked with most of its hour left: the next call gets 401.
+    google.revoke_tokens();
+    for n in 3..6 {
+        submit(n).await;
+    }
+    assert_eq!(
+        *google.exchanges.lock().expect("lock"),
+        2,
+        "one new token exchange after the revocation"
+    );
+    assert_eq!(google.rows_of("sheet-1").len(), 6);
+}

@@ -91,6 +91,70 @@ impl Sms {
     }
 }
 
+/// A phone number as errors, logs and outputs show it: its first two and
+/// last three digits, the rest masked (`+447700900999` → `+44*******999`).
+pub fn mask(number: &str) -> String {
+    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    let mut seen = 0;
+    number
+        .chars()
+        .map(|c| {
+            if !c.is_ascii_digit() {
+                return c;
+            }
+            seen += 1;
+            if seen <= 2 || seen > digits.saturating_sub(3) {
+                c
+            } else {
+                '*'
+            }
+        })
+        .collect()
+}
+
+/// `text` with every run of six or more digits (a phone number, most
+/// likely) masked, for messages from the gateway, which quote numbers.
+pub fn scrub(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.bytes().filter(u8::is_ascii_digit).count() >= 6 {
+            out.push_str(&mask(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+/// Every digit of `raw` but the last three masked: for input that is not
+/// a valid number, where no digit can be trusted to be harmless.
+fn scrub_all(raw: &str) -> String {
+    let digits = raw.bytes().filter(u8::is_ascii_digit).count();
+    let mut seen = 0;
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_digit() {
+                seen += 1;
+                if seen <= digits.saturating_sub(3) {
+                    return '*';
+                }
+            }
+            c
+        })
+        .collect()
+}
+
 /// The number in E.164 (`+` and 8 to 15 digits), separators removed.
 pub fn e164(raw: &str) -> Option<String> {
     let number: String = raw
@@ -143,7 +207,9 @@ impl Task for Sms {
             })?;
         let to = e164(raw).ok_or_else(|| {
             TaskError::permanent(format!(
-                "invalid phone number '{raw}': expected E.164, like +14155550100"
+                "invalid phone number '{}' in answer '{}': expected E.164, like +14155550100",
+                scrub_all(raw),
+                self.phone_field
             ))
         })?;
         let body = fill(&self.template, answers)?;
@@ -164,9 +230,15 @@ impl Task for Sms {
             .and_then(|v| v.to_str().ok())
             .and_then(plugin_api::parse_retry_after);
         let reply: Value = response.body_mut().read_json().unwrap_or(Value::Null);
-        let detail = reply["message"].as_str().unwrap_or("no message").to_owned();
+        // Gateways quote the number in their messages: masked here, since
+        // errors land in logs and in the run's last_error.
+        let detail = scrub(reply["message"].as_str().unwrap_or("no message"));
         match status {
-            200..=299 => Ok(json!({ "sid": reply["sid"], "status": reply["status"], "to": to })),
+            200..=299 => Ok(json!({
+                "sid": reply["sid"],
+                "status": reply["status"],
+                "to": mask(&to),
+            })),
             429 | 500..=599 => {
                 let err = TaskError::retryable(format!("SMS gateway answered {status}: {detail}"));
                 Err(match retry_after {
@@ -202,6 +274,17 @@ mod tests {
         ] {
             assert_eq!(e164(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn phone_numbers_are_masked_wherever_they_are_shown() {
+        assert_eq!(mask("+447700900999"), "+44*******999");
+        assert_eq!(
+            scrub("The 'To' number +15555550100 is not a valid phone number."),
+            "The 'To' number +15******100 is not a valid phone number."
+        );
+        assert_eq!(scrub("code 21211, 400"), "code 21211, 400");
+        assert_eq!(scrub_all("0770 0900"), "**** *900");
     }
 
     #[test]

@@ -53,6 +53,15 @@ async fn messages(
             return (StatusCode::BAD_REQUEST, Json(json!({"code": 21604, "message": format!("A '{field}' is required"), "status": 400}))).into_response();
         }
     }
+    // Twilio quotes the number it refuses (555 numbers are fictional).
+    let to = &form["To"];
+    if to.starts_with("+1555") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 21211, "message": format!("The 'To' number {to} is not a valid phone number."), "status": 400})),
+        )
+            .into_response();
+    }
     {
         let mut throttle = gateway.throttle.lock().expect("lock");
         if *throttle > 0 {
@@ -123,6 +132,9 @@ async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
 
     assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
     assert_eq!(runs[0].attempts, 3, "two 429s, then accepted");
+    // The output keeps the number masked too: it is stored with the run.
+    let output = proto::json::value_to_json(runs[0].output.as_ref().expect("output"));
+    assert_eq!(output["to"], "+44*******123");
     let sent = gateway.sent.lock().expect("lock").clone();
     assert_eq!(sent.len(), 1, "sent exactly once");
     assert_eq!(sent[0]["To"], "+447700900123");
@@ -158,11 +170,32 @@ async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
     assert!(
         runs[0]
             .last_error
-            .contains("invalid phone number '0770 0900'"),
+            .contains("invalid phone number '**** *900' in answer 'phone'"),
         "{}",
         runs[0].last_error
     );
     assert!(gateway.sent.lock().expect("lock").is_empty());
+
+    // A number the gateway refuses, quoting it: the run's error masks it.
+    let (submission, _) = stack
+        .process(
+            form,
+            json!({"answers": {"name": "Di", "phone": "+1 555 555 0100", "rating": 3}}),
+        )
+        .await;
+    let runs = stack
+        .settled(&submission, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(runs[0].state(), RunState::Dead);
+    let error = &runs[0].last_error;
+    assert!(
+        error.contains("21211") && error.contains("+15******100"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("5550100"),
+        "a full number in last_error: {error}"
+    );
 }
 
 #[tokio::test]
