@@ -46,6 +46,11 @@ pub struct Google {
     pub throttle: Arc<Mutex<u32>>,
     /// 429s answered so far.
     pub throttled: Arc<Mutex<u32>>,
+    /// Appends to answer only after [`Google::slow_for`] (the row is
+    /// written at once: a reply lost to the client's timeout).
+    pub slow_appends: Arc<Mutex<u32>>,
+    /// How late a slow append answers.
+    pub slow_for: Arc<Mutex<std::time::Duration>>,
     /// Spreadsheets created through Drive: id → (appProperties, shared with).
     pub created: Arc<Mutex<HashMap<String, Created>>>,
     /// The sheets of each spreadsheet.
@@ -220,6 +225,23 @@ async fn values_get(
         return denied;
     }
     match split_range(&range) {
+        Some((sheet, "A:A")) if known_sheet(&g, &id, &sheet) => {
+            // The first column, header included, one row per cell.
+            let header = g.header_of(&id);
+            let column: Vec<Value> = header
+                .first()
+                .into_iter()
+                .cloned()
+                .chain(
+                    g.rows_of(&id)
+                        .into_iter()
+                        .map(|row| row.first().cloned().unwrap_or(Value::Null)),
+                )
+                .map(|cell| json!([cell]))
+                .collect();
+            Json(json!({"range": range, "majorDimension": "ROWS", "values": column}))
+                .into_response()
+        }
         Some((sheet, "1:1")) if known_sheet(&g, &id, &sheet) => {
             let header = g.header_of(&id);
             let values = if header.is_empty() {
@@ -302,12 +324,26 @@ async fn values_append(
                 .into_response();
         }
     }
-    let mut rows = g.rows.lock().expect("lock");
-    let sheet_rows = rows.entry(id).or_default();
-    for row in body["values"].as_array().into_iter().flatten() {
-        sheet_rows.push(row.as_array().cloned().unwrap_or_default());
+    let written = {
+        let mut rows = g.rows.lock().expect("lock");
+        let sheet_rows = rows.entry(id).or_default();
+        for row in body["values"].as_array().into_iter().flatten() {
+            sheet_rows.push(row.as_array().cloned().unwrap_or_default());
+        }
+        sheet_rows.len()
+    };
+    let slow = {
+        let mut slow = g.slow_appends.lock().expect("lock");
+        let due = *slow > 0;
+        *slow = slow.saturating_sub(1);
+        due
+    };
+    if slow {
+        let delay = *g.slow_for.lock().expect("lock");
+        tokio::time::sleep(delay).await;
     }
-    Json(json!({"updates": {"updatedRange": format!("{range}{}", sheet_rows.len() + 1), "updatedRows": 1}})).into_response()
+    Json(json!({"updates": {"updatedRange": format!("{range}{}", written + 1), "updatedRows": 1}}))
+        .into_response()
 }
 
 /// `POST /v4/spreadsheets/{id}:batchUpdate` with `addSheet` requests.

@@ -333,6 +333,21 @@ impl GoogleSheets {
         )
     }
 
+    /// Whether a row for `submission` is in the sheet already.
+    fn has_row(&self, spreadsheet: &str, submission: &str) -> Result<bool, TaskError> {
+        let column = self.authed("looking for the submission's row", |bearer| {
+            self.agent
+                .get(self.values_url(spreadsheet, "A:A"))
+                .header("Authorization", bearer)
+                .call()
+        })?;
+        Ok(column.body["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|row| row[0].as_str() == Some(submission)))
+    }
+
     /// The header row, widened with `keys` it lacks (written back if so).
     fn header(&self, spreadsheet: &str, keys: &[String]) -> Result<Vec<String>, TaskError> {
         let mut headers = self
@@ -453,6 +468,16 @@ impl Task for GoogleSheets {
         let mut keys: Vec<String> = answers.keys().cloned().collect();
         keys.sort();
         let spreadsheet = self.spreadsheet(&input.form_id, &input.context.owner_emails)?;
+        // A later attempt may follow an append whose reply was lost: the
+        // row is looked for (by its submission_id, column A) before
+        // appending again.
+        if input.attempt > 1 && self.has_row(&spreadsheet, &input.submission_id)? {
+            return Ok(json!({
+                "spreadsheet_id": spreadsheet,
+                "updated_range": null,
+                "already_appended": true,
+            }));
+        }
         let header = self.header(&spreadsheet, &keys)?;
         let row: Vec<Value> = header
             .iter()

@@ -260,3 +260,48 @@ async fn a_token_revoked_before_its_expiry_is_replaced_once_and_every_run_succee
     );
     assert_eq!(google.rows_of("sheet-1").len(), 6);
 }
+
+#[tokio::test]
+async fn a_reply_slower_than_the_timeout_makes_no_second_row() {
+    let (google, base) = fake_google(0).await;
+    *google.slow_appends.lock().expect("lock") = 2;
+    *google.slow_for.lock().expect("lock") = Duration::from_millis(2500);
+    let creds = credentials(EMAIL, &format!("{base}/token"));
+    let mut stack = Stack::start(
+        &[("google_sheets", "google_sheets")],
+        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    )
+    .await;
+    let form = Uuid::new_v4();
+    let task = stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
+        "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
+    }));
+    // The append's reply comes 2.5 s late; the run gives up after 1 s.
+    stack.db.execute(&format!(
+        "UPDATE tasks SET timeout_ms = 1000 WHERE id = '{task}'"
+    ));
+    let mut submissions = Vec::new();
+    for n in 0..4 {
+        submissions.push(stack.process(form, json!({"answers": {"n": n}})).await.0);
+    }
+    let mut retried = 0;
+    for submission in &submissions {
+        let runs = stack.settled(submission, Duration::from_secs(60)).await;
+        assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+        if runs[0].attempts > 1 {
+            retried += 1;
+            let output = proto::json::value_to_json(runs[0].output.as_ref().expect("output"));
+            assert_eq!(output["already_appended"], true, "{output}");
+        }
+    }
+    assert_eq!(
+        retried, 2,
+        "the two slow appends timed out and were retried"
+    );
+    let rows = google.rows_of("sheet-1");
+    let mut ids: Vec<&str> = rows.iter().filter_map(|r| r[0].as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(rows.len(), 4, "one row per submission: {rows:?}");
+    assert_eq!(ids.len(), 4);
+}
