@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use example_fake_google::Google;
 use proto::v1::RunState;
-use serde_json::json;
+use serde_json::{Value, json};
 use test_support::{SecretsDir, Stack};
 use uuid::Uuid;
 
@@ -31,19 +31,32 @@ fn credentials(email: &str, token_uri: &str) -> SecretsDir {
     }).to_string())])
 }
 
-#[tokio::test]
-async fn rows_and_header_are_written_with_one_token_and_a_429_burst_loses_nothing() {
-    let (google, base) = fake_google(3).await;
-    let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(
+/// The task on a new form of a new Daisy stack, with `config` and the key
+/// of service account `email` (secret `google_sa`, token endpoint at
+/// `base`): (stack, form, task id, the secrets directory to keep alive).
+async fn sheets_task(email: &str, base: &str, config: Value) -> (Stack, Uuid, Uuid, SecretsDir) {
+    let creds = credentials(email, &format!("{base}/token"));
+    let stack = Stack::start(
         &[("google_sheets", "google_sheets")],
         &[("DAISY_SECRETS_DIR", creds.env_value())],
     )
     .await;
+    let mut config = config;
+    config["credentials"] = json!({"secret": "google_sa"});
     let form = Uuid::new_v4();
-    stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
-        "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheet": "Responses", "sheets_base_url": base,
-    }));
+    let task = stack.attach(form, "sheet", "google_sheets", "append_row", true, &config);
+    (stack, form, task, creds)
+}
+
+#[tokio::test]
+async fn rows_and_header_are_written_with_one_token_and_a_429_burst_loses_nothing() {
+    let (google, base) = fake_google(3).await;
+    let (mut stack, form, _, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({"spreadsheet_id": "sheet-1", "sheet": "Responses", "sheets_base_url": base}),
+    )
+    .await;
 
     let mut submissions = Vec::new();
     for i in 0..5 {
@@ -104,26 +117,12 @@ async fn rows_and_header_are_written_with_one_token_and_a_429_burst_loses_nothin
 async fn a_key_the_token_endpoint_rejects_is_a_permanent_error() {
     let (google, base) = fake_google(0).await;
     // A service account the token endpoint does not know: it refuses the JWT.
-    let creds = credentials(
+    let (mut stack, form, _, _creds) = sheets_task(
         "stranger@elsewhere.iam.gserviceaccount.com",
-        &format!("{base}/token"),
-    );
-    let mut stack = Stack::start(
-        &[("google_sheets", "google_sheets")],
-        &[("DAISY_SECRETS_DIR", creds.env_value())],
+        &base,
+        json!({"spreadsheet_id": "sheet-1", "sheets_base_url": base}),
     )
     .await;
-    let form = Uuid::new_v4();
-    stack.attach(
-        form,
-        "sheet",
-        "google_sheets",
-        "append_row",
-        true,
-        &json!({
-            "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
-        }),
-    );
 
     let (submission, _) = stack.process(form, json!({"answers": {"name": "x"}})).await;
     let runs = stack.settled(&submission, Duration::from_secs(60)).await;
@@ -140,17 +139,15 @@ async fn a_key_the_token_endpoint_rejects_is_a_permanent_error() {
 #[tokio::test]
 async fn without_a_spreadsheet_id_one_is_created_per_form_and_shared() {
     let (google, base) = fake_google(0).await;
-    let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(
-        &[("google_sheets", "google_sheets")],
-        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    let (mut stack, form, _, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({
+            "sheet": "Responses", "share_with": ["ops@example.org", "lead@example.org"],
+            "sheets_base_url": base, "drive_base_url": base,
+        }),
     )
     .await;
-    let form = Uuid::new_v4();
-    stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
-        "credentials": {"secret": "google_sa"}, "sheet": "Responses", "share_with": ["ops@example.org", "lead@example.org"],
-        "sheets_base_url": base, "drive_base_url": base,
-    }));
 
     let mut submissions = Vec::new();
     for i in 0..3 {
@@ -180,24 +177,15 @@ async fn without_a_spreadsheet_id_one_is_created_per_form_and_shared() {
 #[tokio::test]
 async fn a_new_spreadsheet_is_shared_with_the_form_owners_from_the_submission_context() {
     let (google, base) = fake_google(0).await;
-    let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(
-        &[("google_sheets", "google_sheets")],
-        &[("DAISY_SECRETS_DIR", creds.env_value())],
-    )
-    .await;
-    let form = Uuid::new_v4();
-    stack.attach(
-        form,
-        "sheet",
-        "google_sheets",
-        "append_row",
-        true,
-        &json!({
-            "credentials": {"secret": "google_sa"}, "share_with": ["ops@example.org", "owner@example.org"],
+    let (mut stack, form, _, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({
+            "share_with": ["ops@example.org", "owner@example.org"],
             "sheets_base_url": base, "drive_base_url": base,
         }),
-    );
+    )
+    .await;
     let context = proto::v1::SubmissionContext {
         organisation_id: "org-1".into(),
         owner_emails: vec!["owner@example.org".into(), "second@example.org".into()],
@@ -228,16 +216,12 @@ async fn a_new_spreadsheet_is_shared_with_the_form_owners_from_the_submission_co
 #[tokio::test]
 async fn a_token_revoked_before_its_expiry_is_replaced_once_and_every_run_succeeds() {
     let (google, base) = fake_google(0).await;
-    let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(
-        &[("google_sheets", "google_sheets")],
-        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    let (mut stack, form, _, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({"spreadsheet_id": "sheet-1", "sheets_base_url": base}),
     )
     .await;
-    let form = Uuid::new_v4();
-    stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
-        "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
-    }));
     let mut submit = async |n: usize| {
         let (id, _) = stack.process(form, json!({"answers": {"n": n}})).await;
         let runs = stack.settled(&id, Duration::from_secs(60)).await;
@@ -266,16 +250,12 @@ async fn a_reply_slower_than_the_timeout_makes_no_second_row() {
     let (google, base) = fake_google(0).await;
     *google.slow_appends.lock().expect("lock") = 2;
     *google.slow_for.lock().expect("lock") = Duration::from_millis(2500);
-    let creds = credentials(EMAIL, &format!("{base}/token"));
-    let mut stack = Stack::start(
-        &[("google_sheets", "google_sheets")],
-        &[("DAISY_SECRETS_DIR", creds.env_value())],
+    let (mut stack, form, task, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({"spreadsheet_id": "sheet-1", "sheets_base_url": base}),
     )
     .await;
-    let form = Uuid::new_v4();
-    let task = stack.attach(form, "sheet", "google_sheets", "append_row", true, &json!({
-        "credentials": {"secret": "google_sa"}, "spreadsheet_id": "sheet-1", "sheets_base_url": base,
-    }));
     // The append's reply comes 2.5 s late; the run gives up after 1 s.
     stack.db.execute(&format!(
         "UPDATE tasks SET timeout_ms = 1000 WHERE id = '{task}'"

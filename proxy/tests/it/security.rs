@@ -61,8 +61,10 @@ async fn listening(addr: std::net::SocketAddr) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_is_served_and_a_plaintext_client_is_refused() {
+/// An echo form served over TLS (mutual if `mutual`), listening: (what
+/// must outlive the server, its form, the PKI, the server). Bindings drop
+/// in reverse order, so the server stops before its database goes.
+async fn echo_over_tls(mutual: bool) -> ((TestDb, PluginsDir), Uuid, Pki, TestServer) {
     let (db, plugins, pki) = (TestDb::new(), PluginsDir::new(), Pki::new());
     plugins.install("echo", "echo");
     let form = Uuid::new_v4();
@@ -71,12 +73,18 @@ async fn tls_is_served_and_a_plaintext_client_is_refused() {
         &db,
         &plugins,
         Security {
-            tls: Some(tls_files(&pki, false)),
+            tls: Some(tls_files(&pki, mutual)),
             ..Security::default()
         },
     )
     .await;
     listening(server.addr).await;
+    ((db, plugins), form, pki, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_served_and_a_plaintext_client_is_refused() {
+    let (_keep, form, pki, server) = echo_over_tls(false).await;
 
     let mut client = tls_client(&pki, server.addr, false)
         .await
@@ -149,20 +157,7 @@ async fn the_certificate_is_reloaded_when_its_files_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_refuses_a_client_without_a_certificate() {
-    let (db, plugins, pki) = (TestDb::new(), PluginsDir::new(), Pki::new());
-    plugins.install("echo", "echo");
-    let form = Uuid::new_v4();
-    db.attach(form, "echo", "echo", "echo", json!({}));
-    let server = server(
-        &db,
-        &plugins,
-        Security {
-            tls: Some(tls_files(&pki, true)),
-            ..Security::default()
-        },
-    )
-    .await;
-    listening(server.addr).await;
+    let (_keep, form, pki, server) = echo_over_tls(true).await;
 
     let mut with_cert = tls_client(&pki, server.addr, true).await.expect("connects");
     process(&mut with_cert, form, sample()).await;
