@@ -214,6 +214,10 @@ struct Build {
     /// suspected of crashing its host crashes only its own runs, and the
     /// tasks beside it prove themselves clean.
     probation: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Set when a newer build replaced it and its copy was removed: a call
+    /// that picked it just before then moves on to the current build
+    /// instead of starting a host from a file that is gone.
+    retired: AtomicBool,
 }
 
 #[derive(Default)]
@@ -274,43 +278,23 @@ impl Supervisor {
     /// Runs one call in a host of its module's current build, answered by
     /// `deadline` at the latest.
     pub async fn call(&self, call: Call<'_>, deadline: tokio::time::Instant) -> CallResult {
-        let build = match tokio::time::timeout_at(deadline, self.build(call.module)).await {
-            Ok(Ok(build)) => build,
-            Ok(Err(err)) => return Err(CallError::Plugin(err)),
-            Err(_) => return Err(CallError::TimedOut),
-        };
-        if !build.info.tasks.iter().any(|t| t == call.func) {
-            return Err(CallError::Plugin(PluginError::NoSuchTask {
-                module: call.module.to_owned(),
-                path: self.dir.join(files::library_file_name(call.module)),
-                func: call.func.to_owned(),
-                available: build.info.tasks.clone(),
-            }));
-        }
-        let standing = self.standing(&build, call.func);
-        let probation = match standing {
-            Standing::Quarantined(why) => return Err(CallError::Quarantined(why)),
-            Standing::Probation => Some(
-                build
-                    .probation
-                    .lock()
-                    .expect("probation poisoned")
-                    .entry(call.func.to_owned())
-                    .or_default()
-                    .clone(),
-            ),
-            Standing::Clear => None,
-        };
-        let slot = match &probation {
-            Some(slot) => slot,
-            None => {
-                &build.slots[build.next_slot.fetch_add(1, Ordering::Relaxed) % build.slots.len()]
+        // A build replaced (and its copy removed) just after this call
+        // picked it cannot start a host: the call moves on, once, to the
+        // build that replaced it.
+        let mut attempts_left = 2;
+        let (build, host) = loop {
+            attempts_left -= 1;
+            let build = match tokio::time::timeout_at(deadline, self.build(call.module)).await {
+                Ok(Ok(build)) => build,
+                Ok(Err(err)) => return Err(CallError::Plugin(err)),
+                Err(_) => return Err(CallError::TimedOut),
+            };
+            match self.host_for(&call, &build, deadline).await {
+                Ok(host) => break (build, host),
+                Err(CallError::Plugin(_))
+                    if attempts_left > 0 && build.retired.load(Ordering::Acquire) => {}
+                Err(err) => return Err(err),
             }
-        };
-        let host = match tokio::time::timeout_at(deadline, self.host(&build, slot)).await {
-            Ok(Ok(host)) => host,
-            Ok(Err(err)) => return Err(CallError::Plugin(err)),
-            Err(_) => return Err(CallError::TimedOut),
         };
         let mut result = host.call(&call, deadline).await;
         match &mut result {
@@ -507,6 +491,7 @@ impl Supervisor {
             slots,
             next_slot: AtomicUsize::new(0),
             probation: Mutex::default(),
+            retired: AtomicBool::new(false),
         });
         tracing::info!(
             plugin.module = name,
@@ -542,6 +527,48 @@ impl Supervisor {
         }
         *module.failed.lock().expect("failure poisoned") = Some((fingerprint, err.clone()));
         current.ok_or(err)
+    }
+
+    /// A live host of `build` for `call`: the task's own while it is on
+    /// probation, else the next slot's.
+    async fn host_for(
+        &self,
+        call: &Call<'_>,
+        build: &Arc<Build>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Host>, CallError> {
+        if !build.info.tasks.iter().any(|t| t == call.func) {
+            return Err(CallError::Plugin(PluginError::NoSuchTask {
+                module: call.module.to_owned(),
+                path: self.dir.join(files::library_file_name(call.module)),
+                func: call.func.to_owned(),
+                available: build.info.tasks.clone(),
+            }));
+        }
+        let probation = match self.standing(build, call.func) {
+            Standing::Quarantined(why) => return Err(CallError::Quarantined(why)),
+            Standing::Probation => Some(
+                build
+                    .probation
+                    .lock()
+                    .expect("probation poisoned")
+                    .entry(call.func.to_owned())
+                    .or_default()
+                    .clone(),
+            ),
+            Standing::Clear => None,
+        };
+        let slot = match &probation {
+            Some(slot) => slot,
+            None => {
+                &build.slots[build.next_slot.fetch_add(1, Ordering::Relaxed) % build.slots.len()]
+            }
+        };
+        match tokio::time::timeout_at(deadline, self.host(build, slot)).await {
+            Ok(Ok(host)) => Ok(host),
+            Ok(Err(err)) => Err(CallError::Plugin(err)),
+            Err(_) => Err(CallError::TimedOut),
+        }
     }
 
     /// The live host in `slot` of `build`, starting one if there is none.
@@ -727,6 +754,7 @@ impl Drop for Supervisor {
 
 impl Build {
     fn retire_all(&self, grace: Duration) {
+        self.retired.store(true, Ordering::Release);
         let probation: Vec<Arc<Slot>> = self
             .probation
             .lock()
