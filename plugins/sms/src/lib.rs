@@ -94,16 +94,21 @@ impl Sms {
 /// A phone number as errors, logs and outputs show it: its first two and
 /// last three digits, the rest masked (`+447700900999` → `+44*******999`).
 pub fn mask(number: &str) -> String {
-    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    mask_digits(number, 2)
+}
+
+/// `text` with its digits masked, but for the first `keep_first` and the
+/// last three.
+fn mask_digits(text: &str, keep_first: usize) -> String {
+    let digits = text.bytes().filter(u8::is_ascii_digit).count();
     let mut seen = 0;
-    number
-        .chars()
+    text.chars()
         .map(|c| {
             if !c.is_ascii_digit() {
                 return c;
             }
             seen += 1;
-            if seen <= 2 || seen > digits.saturating_sub(3) {
+            if seen <= keep_first || seen > digits.saturating_sub(3) {
                 c
             } else {
                 '*'
@@ -140,19 +145,7 @@ pub fn scrub(text: &str) -> String {
 /// Every digit of `raw` but the last three masked: for input that is not
 /// a valid number, where no digit can be trusted to be harmless.
 fn scrub_all(raw: &str) -> String {
-    let digits = raw.bytes().filter(u8::is_ascii_digit).count();
-    let mut seen = 0;
-    raw.chars()
-        .map(|c| {
-            if c.is_ascii_digit() {
-                seen += 1;
-                if seen <= digits.saturating_sub(3) {
-                    return '*';
-                }
-            }
-            c
-        })
-        .collect()
+    mask_digits(raw, 0)
 }
 
 /// The number in E.164 (`+` and 8 to 15 digits), separators removed.

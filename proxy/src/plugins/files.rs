@@ -139,22 +139,29 @@ impl AllowList {
     }
 }
 
+/// Whether `meta` belongs to Daisy's user or root; if not, why not.
+pub fn owned_by_daisy(meta: &fs::Metadata) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() == me || meta.uid() == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "it belongs to uid {}, neither Daisy's user (uid {me}) nor root",
+            meta.uid()
+        ))
+    }
+}
+
 /// Daisy trusts a library file only as sshd trusts `authorized_keys`: the
 /// plugins directory and the file must belong to Daisy's user or root and
 /// be writable by no one else, and a symlink must not lead out of the
 /// directory. `path` is `dir`'s library file; `opened` is the metadata of
 /// the descriptor that is read.
 fn check_trusted(dir: &Path, path: &Path, opened: &fs::Metadata) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
     let trusted = |what: &str, shown: &Path, meta: &fs::Metadata| {
-        if meta.uid() != me && meta.uid() != 0 {
-            return Err(format!(
-                "refusing {what} '{}': it belongs to uid {}, neither Daisy's user (uid {me}) nor root",
-                shown.display(),
-                meta.uid()
-            ));
-        }
+        owned_by_daisy(meta)
+            .map_err(|owner| format!("refusing {what} '{}': {owner}", shown.display()))?;
         if meta.mode() & 0o022 != 0 {
             return Err(format!(
                 "refusing {what} '{}': it is writable by {} (mode {:o}); `chmod go-w` it",

@@ -96,14 +96,8 @@ impl Secrets {
         let meta = file
             .metadata()
             .map_err(|err| format!("secret '{name}': {err}"))?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me && meta.uid() != 0 {
-            return Err(format!(
-                "refusing secret '{name}': its file belongs to uid {}, neither Daisy's user nor root",
-                meta.uid()
-            ));
-        }
+        super::files::owned_by_daisy(&meta)
+            .map_err(|owner| format!("refusing secret '{name}': {owner}"))?;
         if meta.mode() & 0o077 != 0 {
             return Err(format!(
                 "refusing secret '{name}': its file is readable or writable by others (mode {:o}); `chmod 600` it",
