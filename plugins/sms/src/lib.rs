@@ -189,6 +189,121 @@ pub fn fill(
     Ok(out)
 }
 
+/// The reply of a gateway that answered with an error status: 429 and 5xx
+/// are retryable (with the gateway's `Retry-After`), other 4xx permanent.
+fn refused(status: u16, retry_after: Option<Duration>, reply: &Value) -> TaskError {
+    // Gateways quote the number in their messages: masked here, since
+    // errors land in logs and in the run's last_error.
+    let detail = scrub(reply["message"].as_str().unwrap_or("no message"));
+    match status {
+        429 | 500..=599 => {
+            let err = TaskError::retryable(format!("SMS gateway answered {status}: {detail}"));
+            match retry_after {
+                Some(after) => err.with_retry_after(after),
+                None => err,
+            }
+        }
+        _ => TaskError::permanent(format!(
+            "SMS gateway refused the message ({status}, code {}): {detail}",
+            reply["code"]
+        )),
+    }
+}
+
+/// Whether a request that failed with `error` may still have reached the
+/// gateway: anything but a failure to connect at all.
+fn may_have_arrived(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => false,
+        ureq::Error::Timeout(timeout) => {
+            !matches!(timeout, ureq::Timeout::Resolve | ureq::Timeout::Connect)
+        }
+        ureq::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
+        _ => true,
+    }
+}
+
+/// Today's date in UTC, `YYYY-MM-DD` (Twilio's `DateSent` filter).
+fn today_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    civil_date(secs / 86_400)
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for non-negative days).
+fn civil_date(days: u64) -> String {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+impl Sms {
+    /// The message sent today to `to` from our sender with `body`, if the
+    /// gateway lists one: an earlier attempt's, whose reply was lost.
+    /// Messages the gateway reports `failed` or `canceled` never left it
+    /// and do not count.
+    fn sent_today(&self, to: &str, body: &str) -> Result<Option<Value>, TaskError> {
+        let what = "looking up earlier messages";
+        let mut response = self
+            .agent
+            .get(&self.messages_url)
+            .query("To", to)
+            .query("From", &self.from)
+            .query("DateSent>", today_utc())
+            .query("PageSize", "50")
+            .header("Authorization", &self.authorization)
+            .call()
+            // The URL holds the number: scrubbed in case the error quotes it.
+            .map_err(|e| {
+                TaskError::retryable(scrub(&format!("{what}: SMS gateway unreachable: {e}")))
+            })?;
+        let status = response.status().as_u16();
+        let retry_after = retry_after(&response);
+        let reply: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        if !(200..=299).contains(&status) {
+            // Retryable whatever the status: the send is still to be made,
+            // and a later attempt can look again.
+            let detail = scrub(reply["message"].as_str().unwrap_or("no message"));
+            let err =
+                TaskError::retryable(format!("{what}: SMS gateway answered {status}: {detail}"));
+            return Err(match retry_after {
+                Some(after) => err.with_retry_after(after),
+                None => err,
+            });
+        }
+        let Some(messages) = reply["messages"].as_array() else {
+            return Err(TaskError::retryable(format!(
+                "{what}: SMS gateway answered without a list of messages"
+            )));
+        };
+        Ok(messages
+            .iter()
+            .find(|m| {
+                m["to"].as_str() == Some(to)
+                    && m["body"].as_str() == Some(body)
+                    && !matches!(m["status"].as_str(), Some("failed" | "canceled"))
+            })
+            .cloned())
+    }
+}
+
+fn retry_after(response: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
+    response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(plugin_api::parse_retry_after)
+}
+
 impl Task for Sms {
     fn run(&self, input: &Input) -> Result<Value, TaskError> {
         let answers = input.answers();
@@ -206,6 +321,19 @@ impl Task for Sms {
             ))
         })?;
         let body = fill(&self.template, answers)?;
+        // A later attempt may follow a send whose reply was lost (a
+        // timeout, a broken connection): the message is looked up before
+        // sending again. See README.md for what this can and cannot catch.
+        if input.attempt > 1 {
+            if let Some(sent) = self.sent_today(&to, &body)? {
+                return Ok(json!({
+                    "sid": sent["sid"],
+                    "status": sent["status"],
+                    "to": mask(&to),
+                    "already_sent": true,
+                }));
+            }
+        }
         let mut response = self
             .agent
             .post(&self.messages_url)
@@ -215,34 +343,31 @@ impl Task for Sms {
                 ("From", self.from.as_str()),
                 ("Body", body.as_str()),
             ])
-            .map_err(|e| TaskError::retryable(format!("SMS gateway unreachable: {e}")))?;
+            .map_err(|e| {
+                let detail = scrub(&e.to_string());
+                TaskError::retryable(if may_have_arrived(&e) {
+                    let why = if matches!(e, ureq::Error::Timeout(_)) {
+                        "did not answer in time"
+                    } else {
+                        "broke off before answering"
+                    };
+                    format!(
+                        "SMS gateway {why}; the message may have been delivered (a later attempt looks it up before sending again): {detail}"
+                    )
+                } else {
+                    format!("SMS gateway unreachable: {detail}")
+                })
+            })?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(plugin_api::parse_retry_after);
+        let retry_after = retry_after(&response);
         let reply: Value = response.body_mut().read_json().unwrap_or(Value::Null);
-        // Gateways quote the number in their messages: masked here, since
-        // errors land in logs and in the run's last_error.
-        let detail = scrub(reply["message"].as_str().unwrap_or("no message"));
         match status {
             200..=299 => Ok(json!({
                 "sid": reply["sid"],
                 "status": reply["status"],
                 "to": mask(&to),
             })),
-            429 | 500..=599 => {
-                let err = TaskError::retryable(format!("SMS gateway answered {status}: {detail}"));
-                Err(match retry_after {
-                    Some(after) => err.with_retry_after(after),
-                    None => err,
-                })
-            }
-            _ => Err(TaskError::permanent(format!(
-                "SMS gateway refused the message ({status}, code {}): {detail}",
-                reply["code"]
-            ))),
+            _ => Err(refused(status, retry_after, &reply)),
         }
     }
 }
@@ -278,6 +403,14 @@ mod tests {
         );
         assert_eq!(scrub("code 21211, 400"), "code 21211, 400");
         assert_eq!(scrub_all("0770 0900"), "**** *900");
+    }
+
+    #[test]
+    fn days_since_the_epoch_are_dates() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(11_016), "2000-02-29");
+        assert_eq!(civil_date(19_782), "2024-02-29");
+        assert_eq!(civil_date(20_453), "2025-12-31");
     }
 
     #[test]

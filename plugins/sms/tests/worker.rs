@@ -8,7 +8,7 @@ use std::{
 
 use axum::{
     Form, Json, Router,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
@@ -24,8 +24,55 @@ const TOKEN: &str = "s3cret-token";
 #[derive(Clone, Default)]
 struct Gateway {
     sent: Arc<Mutex<Vec<HashMap<String, String>>>>,
+    /// The day (UTC, `YYYY-MM-DD`) each message of `sent` was sent.
+    sent_on: Arc<Mutex<Vec<String>>>,
     /// How many requests to answer 429 before accepting.
     throttle: Arc<Mutex<u32>>,
+    /// How many sends to answer only after [`SLOW_REPLY`]: the message is
+    /// recorded at once, so a client that gives up first lost the reply
+    /// of a message that went out.
+    slow_replies: Arc<Mutex<u32>>,
+    /// The query of each message list request so far.
+    lookups: Arc<Mutex<Vec<HashMap<String, String>>>>,
+}
+
+/// How late a slow reply comes: longer than the tests' `timeout_ms`.
+const SLOW_REPLY: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// Today in UTC as `YYYY-MM-DD` (days since the epoch to a civil date).
+fn today() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs()
+        / 86_400;
+    let z = days + 719_468;
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Twilio's answer to a request without the account's credentials.
+fn unauthenticated(account: &str, headers: &HeaderMap) -> Option<Response> {
+    use base64::Engine;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT}:{TOKEN}"))
+    );
+    (account != ACCOUNT
+        || headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&expected))
+    .then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"code": 20003, "message": "Authenticate", "status": 401})),
+        )
+            .into_response()
+    })
 }
 
 async fn messages(
@@ -34,19 +81,8 @@ async fn messages(
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    use base64::Engine;
-    let expected = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT}:{TOKEN}"))
-    );
-    if account != ACCOUNT
-        || headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&expected)
-    {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"code": 20003, "message": "Authenticate", "status": 401})),
-        )
-            .into_response();
+    if let Some(denied) = unauthenticated(&account, &headers) {
+        return denied;
     }
     for field in ["To", "From", "Body"] {
         if form.get(field).is_none_or(|v| v.is_empty()) {
@@ -74,20 +110,75 @@ async fn messages(
                 .into_response();
         }
     }
-    let mut sent = gateway.sent.lock().expect("lock");
-    sent.push(form);
+    let sid = {
+        let mut sent = gateway.sent.lock().expect("lock");
+        sent.push(form);
+        gateway.sent_on.lock().expect("lock").push(today());
+        format!("SM{}", sent.len())
+    };
+    let slow = {
+        let mut slow = gateway.slow_replies.lock().expect("lock");
+        let due = *slow > 0;
+        *slow = slow.saturating_sub(1);
+        due
+    };
+    if slow {
+        tokio::time::sleep(SLOW_REPLY).await;
+    }
     (
         StatusCode::CREATED,
-        Json(json!({"sid": format!("SM{}", sent.len()), "status": "queued"})),
+        Json(json!({"sid": sid, "status": "queued"})),
     )
         .into_response()
+}
+
+/// `GET Messages.json`: the account's messages, newest first, filtered by
+/// `To`, `From` and `DateSent>` (sent on or after that day) as Twilio does.
+async fn list(
+    State(gateway): State<Gateway>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(denied) = unauthenticated(&account, &headers) {
+        return denied;
+    }
+    gateway.lookups.lock().expect("lock").push(query.clone());
+    let page_size = query
+        .get("PageSize")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(50);
+    let sent = gateway.sent.lock().expect("lock").clone();
+    let sent_on = gateway.sent_on.lock().expect("lock").clone();
+    let wanted = |key: &str, value: &str| query.get(key).is_none_or(|w| w == value);
+    let messages: Vec<_> = sent
+        .iter()
+        .zip(&sent_on)
+        .enumerate()
+        .rev()
+        .filter(|(_, (m, day))| {
+            wanted("To", &m["To"])
+                && wanted("From", &m["From"])
+                && query
+                    .get("DateSent>")
+                    .is_none_or(|after| day.as_str() >= after.as_str())
+        })
+        .take(page_size)
+        .map(|(i, (m, day))| {
+            json!({
+                "sid": format!("SM{}", i + 1), "to": m["To"], "from": m["From"], "body": m["Body"],
+                "status": "delivered", "date_sent": day,
+            })
+        })
+        .collect();
+    Json(json!({"messages": messages, "page": 0, "page_size": page_size})).into_response()
 }
 
 async fn fake_gateway(gateway: Gateway) -> String {
     let app = Router::new()
         .route(
             "/2010-04-01/Accounts/{account}/Messages.json",
-            post(messages),
+            post(messages).get(list),
         )
         .with_state(gateway);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -229,5 +320,135 @@ async fn wrong_credentials_are_a_permanent_error_with_the_gateways_message() {
     assert!(
         !runs[0].last_error.contains("wrong"),
         "the token never shows in errors"
+    );
+}
+
+#[tokio::test]
+async fn replies_slower_than_the_timeout_are_looked_up_and_no_text_is_sent_twice() {
+    let gateway = Gateway::default();
+    *gateway.slow_replies.lock().expect("lock") = 3;
+    let base = fake_gateway(gateway.clone()).await;
+    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
+    let mut stack = Stack::start(
+        &[("sms", "sms")],
+        &[("DAISY_SECRETS_DIR", secrets.env_value())],
+    )
+    .await;
+    let form = Uuid::new_v4();
+    // The gateway's reply comes 2.5 s late; the task gives up after 1 s.
+    let mut config = config(&base);
+    config["timeout_ms"] = json!(1000);
+    stack.attach(form, "receipt", "sms", "sms", true, &config);
+
+    let people = [
+        ("Ada", "+447700900121"),
+        ("Bo", "+447700900122"),
+        ("Cy", "+447700900123"),
+        ("Di", "+447700900124"),
+    ];
+    let mut submissions = Vec::new();
+    for (name, phone) in people {
+        let answers = json!({"answers": {"name": name, "phone": phone, "rating": 4}});
+        submissions.push(stack.process(form, answers).await.0);
+    }
+    let mut looked_up = 0;
+    for submission in &submissions {
+        let runs = stack
+            .settled(submission, std::time::Duration::from_secs(60))
+            .await;
+        assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+        for (_, phone) in people {
+            assert!(
+                !runs[0].last_error.contains(&phone[1..]),
+                "a full number in last_error: {}",
+                runs[0].last_error
+            );
+        }
+        let output = proto::json::value_to_json(runs[0].output.as_ref().expect("output"));
+        assert!(
+            output["to"].as_str().is_some_and(|to| to.contains('*')),
+            "{output}"
+        );
+        if runs[0].attempts > 1 {
+            looked_up += 1;
+            assert_eq!(output["already_sent"], true, "{output}");
+            assert!(
+                output["sid"]
+                    .as_str()
+                    .is_some_and(|sid| sid.starts_with("SM")),
+                "{output}"
+            );
+        }
+    }
+    assert_eq!(
+        looked_up, 3,
+        "the three slow sends timed out and were looked up"
+    );
+    let lookups = gateway.lookups.lock().expect("lock").clone();
+    assert_eq!(lookups.len(), 3, "only later attempts look: {lookups:?}");
+    for lookup in &lookups {
+        assert!(
+            people.iter().any(|(_, phone)| lookup["To"] == *phone),
+            "{lookup:?}"
+        );
+        assert_eq!(lookup["From"], "+15005550006");
+        assert_eq!(lookup["DateSent>"], today());
+        assert_eq!(lookup["PageSize"], "50");
+    }
+    let sent = gateway.sent.lock().expect("lock").clone();
+    let mut to: Vec<&str> = sent.iter().map(|m| m["To"].as_str()).collect();
+    to.sort_unstable();
+    assert_eq!(
+        to,
+        people.map(|(_, phone)| phone),
+        "one text per submission, none twice"
+    );
+}
+
+#[tokio::test]
+async fn a_run_dead_after_a_lost_reply_says_the_text_may_have_been_delivered() {
+    let gateway = Gateway::default();
+    *gateway.slow_replies.lock().expect("lock") = 1;
+    let base = fake_gateway(gateway.clone()).await;
+    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
+    let mut stack = Stack::start(
+        &[("sms", "sms")],
+        &[("DAISY_SECRETS_DIR", secrets.env_value())],
+    )
+    .await;
+    let form = Uuid::new_v4();
+    let mut config = config(&base);
+    config["timeout_ms"] = json!(1000);
+    let task = stack.attach(form, "receipt", "sms", "sms", true, &config);
+    // One attempt only: the lost reply is the run's last word.
+    stack.db.execute(&format!(
+        "UPDATE tasks SET max_attempts = 1 WHERE id = '{task}'"
+    ));
+
+    let (submission, _) = stack
+        .process(
+            form,
+            json!({"answers": {"name": "Ed", "phone": "+447700900125", "rating": 1}}),
+        )
+        .await;
+    let runs = stack
+        .settled(&submission, std::time::Duration::from_secs(60))
+        .await;
+
+    assert_eq!(runs[0].state(), RunState::Dead, "{runs:?}");
+    let error = &runs[0].last_error;
+    assert!(
+        error.contains("did not answer in time")
+            && error.contains("the message may have been delivered"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("7700900125"),
+        "a full number in last_error: {error}"
+    );
+    assert_eq!(
+        gateway.sent.lock().expect("lock").len(),
+        1,
+        "the gateway did take it"
     );
 }
