@@ -1,14 +1,16 @@
 //! A fake Google on loopback: the OAuth token endpoint (verifies the JWT's
 //! RS256 signature with a given public key, and its issuer, audience, scope
 //! and lifetime), the Sheets API values endpoints (read and write the header
-//! row, append rows; can answer 429 with Retry-After) and the Drive files
-//! endpoints the `google_sheets` plugin uses to create and share a
-//! spreadsheet per form. Used by the plugin's tests and by `make demo`; run
-//! it with `cargo run -p example-fake-google -- --help`.
+//! row, append rows; can answer 429 with Retry-After), the spreadsheet's
+//! sheet titles and `batchUpdate` `addSheet`, and the Drive files endpoints
+//! the `google_sheets` plugin uses to create, find (by `appProperties`),
+//! tag and share a spreadsheet per form. Used by the plugin's tests and by
+//! `make demo`; run it with `cargo run -p example-fake-google -- --help`.
 //!
 //! It checks requests the way the real APIs do (bearer tokens it issued,
 //! paths, `valueInputOption`, grant type) and answers errors in Google's
-//! shape: `{"error": {"code", "message", "status"}}`.
+//! shape: `{"error": {"code", "message", "status"}}`. Any single endpoint
+//! can be made to answer 429 a number of times ([`Google::fail_next`]).
 
 use std::{
     collections::HashMap,
@@ -20,7 +22,7 @@ use axum::{
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{get, patch, post},
 };
 use serde_json::{Value, json};
 
@@ -51,11 +53,29 @@ pub struct Google {
     pub slow_appends: Arc<Mutex<u32>>,
     /// How late a slow append answers.
     pub slow_for: Arc<Mutex<std::time::Duration>>,
-    /// Spreadsheets created through Drive: id → (appProperties, shared with).
+    /// Spreadsheets created through Drive: id → (appProperties as they
+    /// are now, shared with).
     pub created: Arc<Mutex<HashMap<String, Created>>>,
+    /// The ids of `created`, oldest first (Drive's `createdTime` order).
+    created_order: Arc<Mutex<Vec<String>>>,
     /// The sheets of each spreadsheet.
     sheets: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    /// Step → how many of its next calls answer 429 ([`Google::fail_next`]).
+    failures: Arc<Mutex<HashMap<String, u32>>>,
 }
+
+/// The steps [`Google::fail_next`] knows, one per endpoint.
+pub const STEPS: [&str; 9] = [
+    "files.create",
+    "files.update",
+    "files.list",
+    "permissions.create",
+    "spreadsheets.get",
+    "batchUpdate",
+    "values.update",
+    "values.append",
+    "values.get",
+];
 
 impl Google {
     /// A fake accepting JWTs from `issuer` signed by the key whose public
@@ -80,6 +100,41 @@ impl Google {
     /// withdrawn: calls with them get 401 until a new one is exchanged.
     pub fn revoke_tokens(&self) {
         self.tokens.lock().expect("lock").clear();
+    }
+
+    /// Makes the next `times` calls of `step` (one of [`STEPS`], named
+    /// for the endpoint: `files.create`, `values.append`, ...) answer 429
+    /// with `Retry-After: 1`, as Google does on a quota burst; each is
+    /// counted in `throttled`. The call has no effect.
+    pub fn fail_next(&self, step: &str, times: u32) {
+        assert!(STEPS.contains(&step), "unknown step {step:?}");
+        *self
+            .failures
+            .lock()
+            .expect("lock")
+            .entry(step.to_owned())
+            .or_default() += times;
+    }
+
+    /// The 429 for `step`, if one is due ([`Google::fail_next`]).
+    fn injected(&self, step: &str) -> Option<Response> {
+        let mut failures = self.failures.lock().expect("lock");
+        let left = failures.get_mut(step).filter(|left| **left > 0)?;
+        *left -= 1;
+        *self.throttled.lock().expect("lock") += 1;
+        Some(throttled(&format!(
+            "Quota exceeded for quota metric 'Requests' ({step})"
+        )))
+    }
+
+    /// The sheet (tab) titles of `spreadsheet`, in order.
+    pub fn sheets_of(&self, spreadsheet: &str) -> Vec<String> {
+        self.sheets
+            .lock()
+            .expect("lock")
+            .get(spreadsheet)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Rows appended to `spreadsheet`.
@@ -112,8 +167,12 @@ impl Google {
                 "/v4/spreadsheets/{id}/values/{range}",
                 get(values_get).put(values_put).post(values_append),
             )
-            .route("/v4/spreadsheets/{id}", post(batch_update))
+            .route(
+                "/v4/spreadsheets/{id}",
+                get(spreadsheet_get).post(batch_update),
+            )
             .route("/drive/v3/files", get(files_list).post(files_create))
+            .route("/drive/v3/files/{id}", patch(files_update))
             .route("/drive/v3/files/{id}/permissions", post(permissions))
             .with_state(self);
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -123,6 +182,16 @@ impl Google {
 
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": {"code": status.as_u16(), "message": message, "status": status.canonical_reason()}}))).into_response()
+}
+
+/// A 429 in Google's shape, to retry after a second.
+fn throttled(message: &str) -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [("retry-after", "1")],
+        Json(json!({"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}})),
+    )
+        .into_response()
 }
 
 async fn token(State(g): State<Google>, Form(form): Form<HashMap<String, String>>) -> Response {
@@ -224,6 +293,9 @@ async fn values_get(
     if let Some(denied) = unauthorized(&g, &headers) {
         return denied;
     }
+    if let Some(failed) = g.injected("values.get") {
+        return failed;
+    }
     match split_range(&range) {
         Some((sheet, "A:A")) if known_sheet(&g, &id, &sheet) => {
             // The first column, header included, one row per cell.
@@ -275,6 +347,9 @@ async fn values_put(
             "'valueInputOption' is required but not specified",
         );
     }
+    if let Some(failed) = g.injected("values.update") {
+        return failed;
+    }
     match split_range(&range) {
         Some((sheet, "1:1")) if known_sheet(&g, &id, &sheet) => {
             let header = body["values"][0].as_array().cloned().unwrap_or_default();
@@ -311,17 +386,15 @@ async fn values_append(
             &format!("Unable to parse range: {range}"),
         );
     }
+    if let Some(failed) = g.injected("values.append") {
+        return failed;
+    }
     {
         let mut throttle = g.throttle.lock().expect("lock");
         if *throttle > 0 {
             *throttle -= 1;
             *g.throttled.lock().expect("lock") += 1;
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", "1")],
-                Json(json!({"error": {"code": 429, "message": "Quota exceeded for quota metric 'Write requests'", "status": "RESOURCE_EXHAUSTED"}})),
-            )
-                .into_response();
+            return throttled("Quota exceeded for quota metric 'Write requests'");
         }
     }
     let written = {
@@ -346,7 +419,32 @@ async fn values_append(
         .into_response()
 }
 
-/// `POST /v4/spreadsheets/{id}:batchUpdate` with `addSheet` requests.
+/// `GET /v4/spreadsheets/{id}`: the spreadsheet's sheets (what
+/// `fields=sheets.properties.title` asks for; other fields are not kept).
+async fn spreadsheet_get(
+    State(g): State<Google>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    if let Some(failed) = g.injected("spreadsheets.get") {
+        return failed;
+    }
+    let Some(titles) = g.sheets.lock().expect("lock").get(&id).cloned() else {
+        return error(StatusCode::NOT_FOUND, "Requested entity was not found.");
+    };
+    let sheets: Vec<Value> = titles
+        .iter()
+        .map(|title| json!({"properties": {"title": title}}))
+        .collect();
+    Json(json!({"sheets": sheets})).into_response()
+}
+
+/// `POST /v4/spreadsheets/{id}:batchUpdate` with `addSheet` requests:
+/// all or nothing, and a title that exists already is refused (400), as
+/// Google does.
 async fn batch_update(
     State(g): State<Google>,
     Path(id): Path<String>,
@@ -359,18 +457,47 @@ async fn batch_update(
     if let Some(denied) = unauthorized(&g, &headers) {
         return denied;
     }
+    if let Some(failed) = g.injected("batchUpdate") {
+        return failed;
+    }
     let mut sheets = g.sheets.lock().expect("lock");
     let Some(titles) = sheets.get_mut(id) else {
         return error(StatusCode::NOT_FOUND, "Requested entity was not found.");
     };
-    for request in body["requests"].as_array().into_iter().flatten() {
+    let mut added = titles.clone();
+    for (i, request) in body["requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         if let Some(title) = request["addSheet"]["properties"]["title"].as_str() {
-            titles.push(title.to_owned());
+            if added.iter().any(|t| t == title) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "Invalid requests[{i}].addSheet: A sheet with the name \"{title}\" already exists. Please enter another name."
+                    ),
+                );
+            }
+            added.push(title.to_owned());
         }
     }
+    *titles = added;
     Json(json!({"spreadsheetId": id, "replies": []})).into_response()
 }
 
+/// The `key` and `value` of a query `appProperties has { key='K' and value='V' }`.
+fn app_property_query(q: &str) -> Option<(&str, &str)> {
+    let rest = q.split_once("appProperties has {")?.1;
+    let key = rest.split_once("key='")?.1.split_once('\'')?.0;
+    let value = rest.split_once("value='")?.1.split_once('\'')?.0;
+    Some((key, value))
+}
+
+/// `GET /drive/v3/files?q=appProperties has {...}`: the files whose
+/// `appProperties` hold that key and value; oldest first with
+/// `orderBy=createdTime`, else newest first (Drive promises no order).
 async fn files_list(
     State(g): State<Google>,
     Query(query): Query<HashMap<String, String>>,
@@ -379,22 +506,67 @@ async fn files_list(
     if let Some(denied) = unauthorized(&g, &headers) {
         return denied;
     }
+    if let Some(failed) = g.injected("files.list") {
+        return failed;
+    }
     let q = query.get("q").cloned().unwrap_or_default();
-    let files: Vec<Value> = g
-        .created
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter(|(_, (props, _))| {
-            props.as_object().into_iter().flatten().any(|(k, v)| {
-                q.contains(&format!("key='{k}'"))
-                    && v.as_str()
-                        .is_some_and(|v| q.contains(&format!("value='{v}'")))
-            })
+    let Some((key, value)) = app_property_query(&q) else {
+        return error(StatusCode::BAD_REQUEST, "Invalid Value");
+    };
+    let created = g.created.lock().expect("lock");
+    let mut ids = g.created_order.lock().expect("lock").clone();
+    match query.get("orderBy").map(String::as_str) {
+        Some("createdTime") => {}
+        None => ids.reverse(),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid field selection {other}"),
+            );
+        }
+    }
+    let files: Vec<Value> = ids
+        .into_iter()
+        .filter(|id| {
+            created
+                .get(id)
+                .is_some_and(|(props, _)| props[key].as_str() == Some(value))
         })
-        .map(|(id, _)| json!({"id": id}))
+        .map(|id| json!({"id": id}))
         .collect();
     Json(json!({"files": files})).into_response()
+}
+
+/// `PATCH /drive/v3/files/{id}`: `appProperties` are merged into the
+/// file's, and a key set to null is removed.
+async fn files_update(
+    State(g): State<Google>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(denied) = unauthorized(&g, &headers) {
+        return denied;
+    }
+    if let Some(failed) = g.injected("files.update") {
+        return failed;
+    }
+    let mut created = g.created.lock().expect("lock");
+    let Some((props, _)) = created.get_mut(&id) else {
+        return error(StatusCode::NOT_FOUND, &format!("File not found: {id}."));
+    };
+    if !props.is_object() {
+        *props = json!({});
+    }
+    let props = props.as_object_mut().expect("an object");
+    for (key, value) in body["appProperties"].as_object().into_iter().flatten() {
+        if value.is_null() {
+            props.remove(key);
+        } else {
+            props.insert(key.clone(), value.clone());
+        }
+    }
+    Json(json!({"id": id, "appProperties": props})).into_response()
 }
 
 async fn files_create(
@@ -408,11 +580,15 @@ async fn files_create(
     if body["mimeType"] != "application/vnd.google-apps.spreadsheet" {
         return error(StatusCode::BAD_REQUEST, "only spreadsheets in this fake");
     }
+    if let Some(failed) = g.injected("files.create") {
+        return failed;
+    }
     let id = format!("created-{}", uuid::Uuid::new_v4().simple());
     g.created
         .lock()
         .expect("lock")
         .insert(id.clone(), (body["appProperties"].clone(), Vec::new()));
+    g.created_order.lock().expect("lock").push(id.clone());
     g.sheets
         .lock()
         .expect("lock")
@@ -432,9 +608,15 @@ async fn permissions(
     let Some(email) = body["emailAddress"].as_str() else {
         return error(StatusCode::BAD_REQUEST, "emailAddress is required");
     };
+    if let Some(failed) = g.injected("permissions.create") {
+        return failed;
+    }
     match g.created.lock().expect("lock").get_mut(&id) {
         Some((_, shared)) => {
-            shared.push(email.to_owned());
+            // Sharing again with the same address changes nothing, as in Drive.
+            if !shared.iter().any(|s| s == email) {
+                shared.push(email.to_owned());
+            }
             Json(json!({"id": "perm", "role": body["role"], "type": body["type"]})).into_response()
         }
         None => error(StatusCode::NOT_FOUND, &format!("File not found: {id}.")),
