@@ -9,9 +9,22 @@
 //! spreadsheet per form on first use, found again later through its Drive
 //! `appProperties`, and shares it with the configured addresses.
 //!
+//! Creating a form's spreadsheet takes several calls, any of which can
+//! fail, so it is done in an order that a later run can always finish: the
+//! file is created tagged `daisy_form_pending`; then the tab is added if
+//! missing, the header written, the shares made; only then is it tagged
+//! `daisy_form` (and the pending tag removed). A run looks for a tagged
+//! file first (the oldest, so workers that raced converge on one), then
+//! for a pending one, which it finishes with the same idempotent steps,
+//! and creates one only when there is neither. No run writes to a
+//! spreadsheet that lacks its tab, and the per-form cache holds only
+//! finished spreadsheets.
+//!
 //! Errors: 429 and 5xx are retryable and carry the server's `Retry-After`,
 //! so the worker's backoff absorbs quota bursts; other 4xx are permanent,
-//! with the API's message. See README.md for the config.
+//! with the API's message. A write whose reply never came (a timeout, a
+//! broken connection) may have been made: its error says so, and says what
+//! a later attempt does about it. See README.md for the config.
 
 use std::{
     collections::HashMap,
@@ -22,6 +35,11 @@ use std::{
 use plugin_api::{Input, Secret, Task, TaskError, Value, json};
 use schemars::JsonSchema;
 use serde::Deserialize;
+
+/// The Drive `appProperties` key naming a finished spreadsheet's form.
+const TAG: &str = "daisy_form";
+/// The key naming the form of a spreadsheet still being set up.
+const PENDING: &str = "daisy_form_pending";
 
 const SCOPES: &str =
     "https://www.googleapis.com/auth/spreadsheets https://www.googleapis.com/auth/drive.file";
@@ -62,7 +80,7 @@ pub struct GoogleSheets {
     token: Mutex<Option<(String, Instant)>>,
     /// Spreadsheet id → its header row, once read.
     headers: Mutex<HashMap<String, Vec<String>>>,
-    /// Form id → its spreadsheet, when created per form.
+    /// Form id → its spreadsheet, when created per form; finished ones only.
     per_form: Mutex<HashMap<String, String>>,
 }
 
@@ -193,6 +211,7 @@ impl GoogleSheets {
         .map_err(|e| TaskError::permanent(format!("signing the token request: {e}")))?;
         let answer = check(
             "token exchange",
+            None,
             self.agent.post(&self.token_url).send_form([
                 ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
                 ("assertion", jwt.as_str()),
@@ -214,19 +233,21 @@ impl GoogleSheets {
     /// Sends an authorised request (`send` gets the `Authorization` value).
     /// A 401 means the cached token was revoked or expired early: it is
     /// dropped, a new one is exchanged, and the call is made once more; a
-    /// 401 with a fresh token is permanent, with Google's message.
+    /// 401 with a fresh token is permanent, with Google's message. A write
+    /// passes `lost`: what may have happened if its reply never comes.
     fn authed(
         &self,
         what: &str,
+        lost: Option<&str>,
         send: impl Fn(&str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Answer, TaskError> {
         let bearer = self.bearer()?;
         match send(&bearer) {
             Ok(response) if response.status().as_u16() == 401 => {
                 self.forget_token(&bearer);
-                check(what, send(&self.bearer()?))
+                check(what, lost, send(&self.bearer()?))
             }
-            sent => check(what, sent),
+            sent => check(what, lost, sent),
         }
     }
 
@@ -242,14 +263,21 @@ impl GoogleSheets {
         }
     }
 
-    /// The spreadsheet for `form`: configured, or created (once) per form.
-    /// The form's spreadsheet: configured, found in Drive, or created and
-    /// shared with the form's `owners` (from the submission context) and
-    /// the configured `share_with`.
-    fn spreadsheet(&self, form: &str, owners: &[String]) -> Result<String, TaskError> {
+    /// The form's spreadsheet: configured, found in Drive, or created; see
+    /// the crate doc for the order of the steps. A new one gets the header
+    /// `keys` and is shared with the form's `owners` (from the submission
+    /// context) and the configured `share_with`.
+    fn spreadsheet(
+        &self,
+        form: &str,
+        owners: &[String],
+        keys: &[String],
+    ) -> Result<String, TaskError> {
         if let Some(id) = &self.spreadsheet {
             return Ok(id.clone());
         }
+        // Held throughout: this worker's runs of one form wait for the
+        // first to find or finish the spreadsheet instead of making more.
         let mut per_form = self
             .per_form
             .lock()
@@ -257,72 +285,152 @@ impl GoogleSheets {
         if let Some(id) = per_form.get(form) {
             return Ok(id.clone());
         }
-        // Created earlier (by this or another worker)? Drive knows by appProperties.
-        let query = format!(
-            "appProperties has {{ key='daisy_form' and value='{form}' }} and trashed = false"
-        );
-        let found = self.authed("finding the form's spreadsheet", |bearer| {
-            self.agent
-                .get(format!("{}/drive/v3/files", self.drive_url))
-                .query("q", &query)
-                .query("fields", "files(id)")
-                .header("Authorization", bearer)
-                .call()
-        })?;
-        let id = match found.body["files"][0]["id"].as_str() {
-            Some(id) => id.to_owned(),
-            None => self.create_spreadsheet(form, owners)?,
+        let id = match self.find(TAG, form)? {
+            Some(id) => {
+                // Finished by whoever tagged it; the tab is checked all
+                // the same (once per worker), since a release before
+                // daisy_form_pending tagged spreadsheets at creation.
+                self.ensure_sheet(&id)?;
+                id
+            }
+            None => {
+                let id = match self.find(PENDING, form)? {
+                    Some(id) => id,
+                    None => self.create_spreadsheet(form)?,
+                };
+                self.finish_spreadsheet(&id, form, owners, keys)?;
+                id
+            }
         };
         per_form.insert(form.to_owned(), id.clone());
         Ok(id)
     }
 
-    fn create_spreadsheet(&self, form: &str, owners: &[String]) -> Result<String, TaskError> {
-        let created = self.authed("creating the form's spreadsheet", |bearer| {
+    /// The oldest spreadsheet whose `appProperties` have `key` = `form`.
+    fn find(&self, key: &str, form: &str) -> Result<Option<String>, TaskError> {
+        let query =
+            format!("appProperties has {{ key='{key}' and value='{form}' }} and trashed = false");
+        let found = self.authed("finding the form's spreadsheet", None, |bearer| {
             self.agent
-                .post(format!("{}/drive/v3/files", self.drive_url))
+                .get(format!("{}/drive/v3/files", self.drive_url))
+                .query("q", &query)
+                .query("orderBy", "createdTime")
+                .query("fields", "files(id)")
                 .header("Authorization", bearer)
-                .send_json(json!({
-                    "name": format!("Daisy responses {form}"),
-                    "mimeType": "application/vnd.google-apps.spreadsheet",
-                    "appProperties": {"daisy_form": form},
-                }))
+                .call()
         })?;
-        let id = created.body["id"]
+        Ok(found.body["files"][0]["id"].as_str().map(str::to_owned))
+    }
+
+    /// A new spreadsheet for `form`, tagged as pending.
+    fn create_spreadsheet(&self, form: &str) -> Result<String, TaskError> {
+        let created = self.authed(
+            "creating the form's spreadsheet",
+            Some("the spreadsheet may have been created (a later attempt finishes it rather than creating another)"),
+            |bearer| {
+                self.agent
+                    .post(format!("{}/drive/v3/files", self.drive_url))
+                    .header("Authorization", bearer)
+                    .send_json(json!({
+                        "name": format!("Daisy responses {form}"),
+                        "mimeType": "application/vnd.google-apps.spreadsheet",
+                        "appProperties": {PENDING: form},
+                    }))
+            },
+        )?;
+        created.body["id"]
             .as_str()
-            .ok_or_else(|| TaskError::retryable("Drive created a file without an id"))?
-            .to_owned();
+            .map(str::to_owned)
+            .ok_or_else(|| TaskError::retryable("Drive created a file without an id"))
+    }
+
+    /// Makes `id` ready for rows, then tags it as `form`'s. Every step may
+    /// have been done already by a run that failed later: each is safe to
+    /// repeat.
+    fn finish_spreadsheet(
+        &self,
+        id: &str,
+        form: &str,
+        owners: &[String],
+        keys: &[String],
+    ) -> Result<(), TaskError> {
+        self.ensure_sheet(id)?;
+        self.header(id, keys)?;
         let mut share_with: Vec<&String> = Vec::new();
         for email in owners.iter().chain(&self.share_with) {
             if !share_with.contains(&email) {
                 share_with.push(email);
             }
         }
+        // Sharing again with an address that has access changes nothing.
         for email in share_with {
-            self.authed(&format!("sharing the spreadsheet with {email}"), |bearer| {
+            self.authed(
+                &format!("sharing the spreadsheet with {email}"),
+                Some("it may have been shared (sharing again changes nothing)"),
+                |bearer| {
+                    self.agent
+                        .post(format!(
+                            "{}/drive/v3/files/{id}/permissions",
+                            self.drive_url
+                        ))
+                        .query("sendNotificationEmail", "false")
+                        .header("Authorization", bearer)
+                        .send_json(json!({"type": "user", "role": "writer", "emailAddress": email}))
+                },
+            )?;
+        }
+        // Last: from now on runs take it as finished. Drive removes a key
+        // set to null.
+        self.authed(
+            "tagging the form's spreadsheet",
+            Some("the tag may have been set (a later attempt finds the spreadsheet by it)"),
+            |bearer| {
+                self.agent
+                    .patch(format!("{}/drive/v3/files/{id}", self.drive_url))
+                    .header("Authorization", bearer)
+                    .send_json(json!({"appProperties": {TAG: form, PENDING: null}}))
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Adds the sheet (tab) to `spreadsheet` unless it has it already.
+    fn ensure_sheet(&self, spreadsheet: &str) -> Result<(), TaskError> {
+        let got = self.authed("reading the spreadsheet's sheets", None, |bearer| {
+            self.agent
+                .get(format!("{}/v4/spreadsheets/{spreadsheet}", self.sheets_url))
+                .query("fields", "sheets.properties.title")
+                .header("Authorization", bearer)
+                .call()
+        })?;
+        let present = got.body["sheets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|sheet| sheet["properties"]["title"].as_str() == Some(&self.sheet));
+        if present {
+            return Ok(());
+        }
+        let added = self.authed(
+            "adding the sheet",
+            Some("the sheet may have been added (a later attempt looks for it before adding it)"),
+            |bearer| {
                 self.agent
                     .post(format!(
-                        "{}/drive/v3/files/{id}/permissions",
-                        self.drive_url
+                        "{}/v4/spreadsheets/{spreadsheet}:batchUpdate",
+                        self.sheets_url
                     ))
-                    .query("sendNotificationEmail", "false")
                     .header("Authorization", bearer)
-                    .send_json(json!({"type": "user", "role": "writer", "emailAddress": email}))
-            })?;
+                    .send_json(
+                        json!({"requests": [{"addSheet": {"properties": {"title": self.sheet}}}]}),
+                    )
+            },
+        );
+        match added {
+            // Another worker finishing the same spreadsheet added it first.
+            Err(e) if !e.is_retryable() && e.message().contains("already exists") => Ok(()),
+            other => other.map(drop),
         }
-        // A new spreadsheet has one sheet, "Sheet1": add ours.
-        self.authed("adding the sheet", |bearer| {
-            self.agent
-                .post(format!(
-                    "{}/v4/spreadsheets/{id}:batchUpdate",
-                    self.sheets_url
-                ))
-                .header("Authorization", bearer)
-                .send_json(
-                    json!({"requests": [{"addSheet": {"properties": {"title": self.sheet}}}]}),
-                )
-        })?;
-        Ok(id)
     }
 
     fn values_url(&self, spreadsheet: &str, range: &str) -> String {
@@ -335,7 +443,7 @@ impl GoogleSheets {
 
     /// Whether a row for `submission` is in the sheet already.
     fn has_row(&self, spreadsheet: &str, submission: &str) -> Result<bool, TaskError> {
-        let column = self.authed("looking for the submission's row", |bearer| {
+        let column = self.authed("looking for the submission's row", None, |bearer| {
             self.agent
                 .get(self.values_url(spreadsheet, "A:A"))
                 .header("Authorization", bearer)
@@ -355,7 +463,7 @@ impl GoogleSheets {
             .lock()
             .map_err(|_| TaskError::retryable("cache poisoned"))?;
         if !headers.contains_key(spreadsheet) {
-            let read = self.authed("reading the header row", |bearer| {
+            let read = self.authed("reading the header row", None, |bearer| {
                 self.agent
                     .get(self.values_url(spreadsheet, "1:1"))
                     .header("Authorization", bearer)
@@ -381,26 +489,60 @@ impl GoogleSheets {
         if !missing.is_empty() {
             let mut widened = header.clone();
             widened.extend(missing);
-            self.authed("writing the header row", |bearer| {
-                self.agent
-                    .put(self.values_url(spreadsheet, "1:1"))
-                    .query("valueInputOption", "RAW")
-                    .header("Authorization", bearer)
-                    .send_json(json!({ "values": [&widened] }))
-            })?;
+            self.authed(
+                "writing the header row",
+                Some("the header may have been written (a later attempt reads it before writing)"),
+                |bearer| {
+                    self.agent
+                        .put(self.values_url(spreadsheet, "1:1"))
+                        .query("valueInputOption", "RAW")
+                        .header("Authorization", bearer)
+                        .send_json(json!({ "values": [&widened] }))
+                },
+            )?;
             *header = widened;
         }
         Ok(header.clone())
     }
 }
 
+/// Whether a request that failed with `error` may still have reached
+/// Google: anything but a failure to connect at all.
+fn may_have_arrived(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => false,
+        ureq::Error::Timeout(timeout) => {
+            !matches!(timeout, ureq::Timeout::Resolve | ureq::Timeout::Connect)
+        }
+        ureq::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
+        _ => true,
+    }
+}
+
+/// The error for a request that got no answer. A write (`lost` says what
+/// may have happened) that may have reached Google says so, since a run
+/// that ends dead with this error leaves that for someone to check.
+fn unanswered(what: &str, lost: Option<&str>, error: &ureq::Error) -> TaskError {
+    match lost {
+        Some(lost) if may_have_arrived(error) => {
+            let why = if matches!(error, ureq::Error::Timeout(_)) {
+                "did not answer in time"
+            } else {
+                "broke off before answering"
+            };
+            TaskError::retryable(format!("{what}: Google {why}; {lost}: {error}"))
+        }
+        _ => TaskError::retryable(format!("{what}: Google unreachable: {error}")),
+    }
+}
+
 /// Turns a response into an [`Answer`], or a [`TaskError`] for errors.
 fn check(
     what: &str,
+    lost: Option<&str>,
     sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
 ) -> Result<Answer, TaskError> {
-    let mut response =
-        sent.map_err(|e| TaskError::retryable(format!("{what}: Google unreachable: {e}")))?;
+    let mut response = sent.map_err(|e| unanswered(what, lost, &e))?;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -467,7 +609,7 @@ impl Task for GoogleSheets {
         let answers = input.answers();
         let mut keys: Vec<String> = answers.keys().cloned().collect();
         keys.sort();
-        let spreadsheet = self.spreadsheet(&input.form_id, &input.context.owner_emails)?;
+        let spreadsheet = self.spreadsheet(&input.form_id, &input.context.owner_emails, &keys)?;
         // A later attempt may follow an append whose reply was lost: the
         // row is looked for (by its submission_id, column A) before
         // appending again.
@@ -487,14 +629,18 @@ impl Task for GoogleSheets {
                 key => cell(answers.get(key)),
             })
             .collect();
-        let appended = self.authed("appending the row", |bearer| {
-            self.agent
-                .post(format!("{}:append", self.values_url(&spreadsheet, "A1")))
-                .query("valueInputOption", "RAW")
-                .query("insertDataOption", "INSERT_ROWS")
-                .header("Authorization", bearer)
-                .send_json(json!({ "values": [&row] }))
-        })?;
+        let appended = self.authed(
+            "appending the row",
+            Some("the row may have been written (a later attempt looks for it before appending again)"),
+            |bearer| {
+                self.agent
+                    .post(format!("{}:append", self.values_url(&spreadsheet, "A1")))
+                    .query("valueInputOption", "RAW")
+                    .query("insertDataOption", "INSERT_ROWS")
+                    .header("Authorization", bearer)
+                    .send_json(json!({ "values": [&row] }))
+            },
+        )?;
         Ok(json!({
             "spreadsheet_id": spreadsheet,
             "updated_range": appended.body["updates"]["updatedRange"],

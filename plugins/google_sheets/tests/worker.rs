@@ -285,3 +285,156 @@ async fn a_reply_slower_than_the_timeout_makes_no_second_row() {
     assert_eq!(rows.len(), 4, "one row per submission: {rows:?}");
     assert_eq!(ids.len(), 4);
 }
+
+#[tokio::test]
+async fn a_429_at_any_step_of_creating_a_spreadsheet_leaves_one_finished_spreadsheet() {
+    let (google, base) = fake_google(0).await;
+    let share_with = ["ops@example.org", "lead@example.org"];
+    let config = json!({
+        "sheet": "Responses", "share_with": share_with,
+        "sheets_base_url": base, "drive_base_url": base,
+    });
+    let (mut stack, _, _, _creds) = sheets_task(EMAIL, &base, config.clone()).await;
+    let mut config = config;
+    config["credentials"] = json!({"secret": "google_sa"});
+
+    for step in [
+        "files.create",
+        "spreadsheets.get",
+        "batchUpdate",
+        "values.update",
+        "permissions.create",
+        "files.update",
+    ] {
+        // A form of its own, whose spreadsheet does not exist yet.
+        let form = Uuid::new_v4();
+        stack.attach(form, "sheet", "google_sheets", "append_row", true, &config);
+        let throttled = *google.throttled.lock().expect("lock");
+        google.fail_next(step, 1);
+
+        let mut submissions = Vec::new();
+        for n in 0..3 {
+            submissions.push(stack.process(form, json!({"answers": {"n": n}})).await.0);
+        }
+        for submission in &submissions {
+            let runs = stack.settled(submission, Duration::from_secs(60)).await;
+            assert_eq!(runs[0].state(), RunState::Succeeded, "{step}: {runs:?}");
+            assert!(runs[0].attempts <= 2, "{step}: {runs:?}");
+        }
+        assert_eq!(
+            *google.throttled.lock().expect("lock"),
+            throttled + 1,
+            "{step}: the 429 was answered"
+        );
+
+        let form = form.to_string();
+        let created = google.created.lock().expect("lock").clone();
+        let mine: Vec<_> = created
+            .iter()
+            .filter(|(_, (props, _))| {
+                props
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .any(|(_, v)| v == &json!(form))
+            })
+            .collect();
+        assert_eq!(
+            mine.len(),
+            1,
+            "{step}: one spreadsheet for the form: {mine:?}"
+        );
+        let (id, (props, shared)) = mine[0];
+        assert_eq!(
+            props,
+            &json!({"daisy_form": form}),
+            "{step}: tagged, no longer pending"
+        );
+        assert_eq!(shared, &share_with, "{step}");
+        assert!(
+            google.sheets_of(id).iter().any(|s| s == "Responses"),
+            "{step}: {:?}",
+            google.sheets_of(id)
+        );
+        assert_eq!(google.rows_of(id).len(), 3, "{step}");
+        assert_eq!(
+            google.header_of(id),
+            [json!("submission_id"), json!("form_id"), json!("n")],
+            "{step}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_spreadsheet_left_pending_is_finished_by_the_next_run_and_never_used_unfinished() {
+    let (google, base) = fake_google(0).await;
+    let (mut stack, form, task, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({
+            "sheet": "Responses", "share_with": ["ops@example.org"],
+            "sheets_base_url": base, "drive_base_url": base,
+        }),
+    )
+    .await;
+    // The tagging fails on the first run, which has one attempt: it is
+    // dead, its spreadsheet left pending, without rows.
+    stack.db.execute(&format!(
+        "UPDATE tasks SET max_attempts = 1 WHERE id = '{task}'"
+    ));
+    google.fail_next("files.update", 1);
+    let (first, _) = stack.process(form, json!({"answers": {"n": 1}})).await;
+    let runs = stack.settled(&first, Duration::from_secs(60)).await;
+    assert_eq!(runs[0].state(), RunState::Dead, "{runs:?}");
+    assert!(
+        runs[0].last_error.contains("tagging"),
+        "{}",
+        runs[0].last_error
+    );
+    let created = google.created.lock().expect("lock").clone();
+    let (id, (props, _)) = created.iter().next().expect("created");
+    assert_eq!(props, &json!({"daisy_form_pending": form.to_string()}));
+    assert!(google.rows_of(id).is_empty());
+
+    let (second, _) = stack.process(form, json!({"answers": {"n": 2}})).await;
+    let runs = stack.settled(&second, Duration::from_secs(60)).await;
+    assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+    let created = google.created.lock().expect("lock").clone();
+    assert_eq!(
+        created.len(),
+        1,
+        "the pending one was finished: {created:?}"
+    );
+    assert_eq!(created[id].0, json!({"daisy_form": form.to_string()}));
+    assert_eq!(created[id].1, ["ops@example.org"]);
+    assert_eq!(google.rows_of(id).len(), 1);
+}
+
+#[tokio::test]
+async fn an_append_whose_reply_never_comes_says_the_row_may_have_been_written() {
+    let (google, base) = fake_google(0).await;
+    *google.slow_appends.lock().expect("lock") = 1;
+    *google.slow_for.lock().expect("lock") = Duration::from_millis(2500);
+    // The plugin gives up after 1 s, with one attempt allowed.
+    let (mut stack, form, task, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({"spreadsheet_id": "sheet-1", "sheets_base_url": base, "timeout_ms": 1000}),
+    )
+    .await;
+    stack.db.execute(&format!(
+        "UPDATE tasks SET max_attempts = 1 WHERE id = '{task}'"
+    ));
+
+    let (submission, _) = stack.process(form, json!({"answers": {"n": 1}})).await;
+    let runs = stack.settled(&submission, Duration::from_secs(60)).await;
+
+    assert_eq!(runs[0].state(), RunState::Dead, "{runs:?}");
+    let error = &runs[0].last_error;
+    assert!(
+        error.contains("appending the row: Google did not answer in time")
+            && error.contains("the row may have been written (a later attempt looks for it before appending again)"),
+        "{error}"
+    );
+    assert_eq!(google.rows_of("sheet-1").len(), 1, "it was written");
+}
