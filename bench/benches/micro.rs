@@ -100,6 +100,8 @@ fn instance_lookup(c: &mut Criterion) {
             max_attempts: 1,
             created_at: chrono::Utc::now(),
             isolation: Some(isolation.as_str().into()),
+            rate_per_minute: None,
+            rate_group: None,
         };
         let run = || {
             runtime.block_on(plugins.run(

@@ -280,9 +280,12 @@ impl TaskError {
         }
     }
 
-    /// The earliest time a retry makes sense, e.g. an API's `Retry-After`;
-    /// the worker waits at least this long (or its own backoff, if longer),
-    /// capped by its `--retry-max-ms`.
+    /// The earliest time a retry makes sense, e.g. an API's `Retry-After`.
+    /// The worker takes it as a throttle, not a failure: it waits this long
+    /// plus some jitter (capped by its `--retry-max-ms`) without using one of
+    /// the run's attempts, until the run has waited `--max-throttled-ms` in
+    /// all; past that it waits at least this long (or its own backoff, if
+    /// longer) and the attempt counts.
     ///
     /// ```
     /// use std::time::Duration;

@@ -260,6 +260,10 @@ struct WorkerArgs {
     /// Longest delay between retries, in milliseconds.
     #[arg(long, env = "DAISY_RETRY_MAX_MS", default_value_t = 300_000)]
     retry_max_ms: u64,
+    /// How long in all a run may wait on an API's Retry-After (a 429, say)
+    /// without those waits using its attempts, in milliseconds.
+    #[arg(long, env = "DAISY_MAX_THROTTLED_MS", default_value_t = 3_600_000)]
+    max_throttled_ms: u64,
     /// This worker's name in the attempt log (default: host and pid).
     #[arg(long, env = "DAISY_WORKER_NAME")]
     name: Option<String>,
@@ -399,6 +403,19 @@ struct ServeArgs {
     sync_run_log: proxy::SyncRunLog,
 }
 
+/// A task's rate limit.
+#[derive(clap::Args)]
+struct RateArgs {
+    /// Start at most this many of its runs a minute, across all workers,
+    /// evenly spaced (asynchronous tasks; see README "Quotas").
+    #[arg(long, value_name = "PER_MINUTE", value_parser = clap::value_parser!(i32).range(1..))]
+    rate_limit: Option<i32>,
+    /// Share the pace with every task of this group (one API account's
+    /// quota used by many forms); needs --rate-limit.
+    #[arg(long, requires = "rate_limit")]
+    rate_group: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum TaskCommand {
     /// Attach a plugin task to a form.
@@ -433,6 +450,8 @@ enum TaskCommand {
         /// Where its plugin code runs; the server's `--isolation` if not given.
         #[arg(long, value_enum)]
         isolation: Option<Isolation>,
+        #[command(flatten)]
+        rate: RateArgs,
         /// Attach even when the config does not fit the schema the plugin
         /// declares for it.
         #[arg(long)]
@@ -447,6 +466,15 @@ enum TaskCommand {
         /// Only this form's tasks.
         #[arg(long)]
         form: Option<Uuid>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Set or remove a task's rate limit.
+    Limit {
+        /// The task's id.
+        id: Uuid,
+        #[command(flatten)]
+        rate: RateArgs,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -625,6 +653,7 @@ fn try_main() -> anyhow::Result<()> {
                 max_concurrent_tasks: args.max_concurrent_tasks,
                 retry_base: Duration::from_millis(args.retry_base_ms),
                 retry_max: Duration::from_millis(args.retry_max_ms),
+                max_throttled: Duration::from_millis(args.max_throttled_ms),
                 max_crashes: args.max_crashes.max(1),
                 lease: Duration::from_secs(args.lease_secs.max(1)),
                 name: args.name.unwrap_or_else(|| {
@@ -822,6 +851,17 @@ fn key(command: KeyCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A rate group's name: 1 to 200 characters, no control characters.
+fn check_rate_group(rate: &RateArgs) -> anyhow::Result<()> {
+    if let Some(group) = &rate.rate_group {
+        anyhow::ensure!(
+            (1..=200).contains(&group.chars().count()) && !group.chars().any(char::is_control),
+            "--rate-group must be 1 to 200 characters, without control characters"
+        );
+    }
+    Ok(())
+}
+
 fn task(command: TaskCommand) -> anyhow::Result<()> {
     match command {
         TaskCommand::Attach {
@@ -835,6 +875,7 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
             max_attempts,
             disabled,
             isolation,
+            rate,
             force,
             db,
             plugins,
@@ -847,7 +888,9 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
             anyhow::ensure!(max_attempts > 0, "--max-attempts must be positive");
             refuse_paths(&config, "", force)?;
             check_plugin(&plugins.plugins_dir, &module, &func, &config, force)?;
-            let task = Registry::new(&db.config())
+            check_rate_group(&rate)?;
+            let registry = Registry::new(&db.config());
+            let task = registry
                 .attach(&NewTask {
                     form_id: form,
                     name,
@@ -861,7 +904,27 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                     isolation: isolation.map(|i| i.as_str().to_owned()),
                 })
                 .context("attaching the task")?;
+            if rate.rate_limit.is_some() {
+                registry
+                    .set_rate_limit(task.id, rate.rate_limit, rate.rate_group.as_deref())
+                    .context("setting the task's rate limit")?;
+            }
             println!("{}", task.id);
+            Ok(())
+        }
+        TaskCommand::Limit { id, rate, db } => {
+            check_rate_group(&rate)?;
+            let found = Registry::new(&db.config())
+                .set_rate_limit(id, rate.rate_limit, rate.rate_group.as_deref())
+                .context("setting the task's rate limit")?;
+            anyhow::ensure!(found, "no task with id {id}");
+            match (rate.rate_limit, rate.rate_group) {
+                (None, _) => println!("task {id}: no rate limit"),
+                (Some(n), None) => println!("task {id}: at most {n} runs a minute"),
+                (Some(n), Some(group)) => {
+                    println!("task {id}: at most {n} runs a minute, shared by rate group '{group}'")
+                }
+            }
             Ok(())
         }
         TaskCommand::List { form, db } => {
@@ -869,12 +932,17 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                 .list(form)
                 .context("listing tasks")?;
             println!(
-                "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {:<10}  CONFIG",
-                "ID", "FORM", "NAME", "MODULE::FUNC", "MODE", "ENABLED", "ISOLATION"
+                "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {:<10}  {:<12}  CONFIG",
+                "ID", "FORM", "NAME", "MODULE::FUNC", "MODE", "ENABLED", "ISOLATION", "RATE"
             );
             for t in tasks {
+                let rate = match (t.rate_per_minute, &t.rate_group) {
+                    (None, _) => "-".to_owned(),
+                    (Some(n), None) => format!("{n}/min"),
+                    (Some(n), Some(group)) => format!("{n}/min:{group}"),
+                };
                 println!(
-                    "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {:<10}  {}",
+                    "{:<36}  {:<36}  {:<16}  {:<24}  {:<5}  {:<7}  {:<10}  {:<12}  {}",
                     t.id,
                     t.form_id,
                     t.name,
@@ -882,6 +950,7 @@ fn task(command: TaskCommand) -> anyhow::Result<()> {
                     if t.is_async { "async" } else { "sync" },
                     t.enabled,
                     t.isolation.as_deref().unwrap_or("default"),
+                    rate,
                     t.config
                 );
             }

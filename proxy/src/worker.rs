@@ -23,7 +23,7 @@ use crate::{
     executor::{Executor, Outcome, RunRef, Submission},
     plugins::Plugins,
     queue::{self, Backoff, Delivery, QueueConfig},
-    registry::{ClaimRequest, Claimed, DbConfig, DeadLetter, Finish, Registry},
+    registry::{ClaimRequest, Claimed, DbConfig, DeadLetter, Finish, Pace, Registry},
 };
 
 /// Everything `daisy worker` needs.
@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     pub retry_base: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// How long in all a run may wait on APIs' Retry-After without those
+    /// waits using its attempts; past it, a throttled execution counts.
+    pub max_throttled: Duration,
     /// This worker's name in the attempt log.
     pub name: String,
     /// Crashes of its plugin host a run may be in flight for before it is dead.
@@ -379,6 +382,12 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
         Finish::Dead { error } => {
             tracing::error!(run.id = %run_id, attempt, error = %error, "run is dead")
         }
+        Finish::Throttled { error, after } => {
+            tracing::info!(run.id = %run_id, attempt, error = %error, retry_in_ms = after.as_millis() as u64, "run throttled; will retry without using an attempt")
+        }
+        Finish::Paced { at } => {
+            tracing::debug!(run.id = %run_id, start_at = %at, "run paced by its task's rate limit")
+        }
     }
     delivery.ack();
 }
@@ -414,6 +423,11 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
         return Finish::Dead {
             error: format!("task '{}' is disabled", task.name),
         };
+    }
+    if let Some(pace) = task.pace() {
+        if let Some(later) = pace_run(ctx, claimed, pace).await {
+            return later;
+        }
     }
     let submission = Submission {
         form_id: form.to_string(),
@@ -469,6 +483,18 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
         } => (error, retryable, retry_after),
         Outcome::TimedOut(error) => (error, true, None),
     };
+    if let (true, Some(asked)) = (retryable, asked) {
+        // The API asked to come back later: a throttle, not a failure of
+        // the run. It waits (with jitter, so throttled runs do not all come
+        // back at once) without using an attempt, up to --max-throttled-ms.
+        let after = throttle_delay(asked).min(ctx.config.retry_max);
+        if claimed.throttled + after <= ctx.config.max_throttled {
+            return Finish::Throttled {
+                error: format!("throttled, retrying in {} ms: {error}", after.as_millis()),
+                after,
+            };
+        }
+    }
     if !retryable {
         Finish::Dead { error }
     } else if exhausted {
@@ -487,6 +513,49 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
                 .min(ctx.config.retry_max),
         }
     }
+}
+
+/// How close to its start time a paced run may be started.
+const SLOT_SLACK: Duration = Duration::from_millis(50);
+
+/// Takes the run's start time from its task's rate limit (`pace`): `None`
+/// when it may start now, else [`Finish::Paced`] with the start time it
+/// reserved. A run coming back to a slot it holds starts at once, unless the
+/// slot is long past (the workers were away meanwhile): starting every such
+/// run at once would burst, so it reserves a new one.
+async fn pace_run(ctx: &Context, claimed: &Claimed, pace: Pace) -> Option<Finish> {
+    let now = chrono::Utc::now();
+    let tolerance = pace.interval.max(Duration::from_secs(5));
+    let holds = claimed.slot_at.is_some_and(|at| {
+        at <= now + SLOT_SLACK && (now - at).to_std().is_ok_and(|late| late <= tolerance)
+    });
+    if holds {
+        return None;
+    }
+    match with_db(&ctx.registry, &ctx.shutdown, "rate limit", move |r| {
+        r.reserve_slot(&pace)
+    })
+    .await
+    {
+        Some(Ok(at)) if at <= now + SLOT_SLACK => None,
+        Some(Ok(at)) => Some(Finish::Paced { at }),
+        Some(Err(err)) => Some(Finish::Retry {
+            error: format!("reserving a start time under the task's rate limit failed: {err}"),
+            after: retry_delay(&ctx.config, claimed.attempt),
+        }),
+        // Shutting down: back to the queue as it was.
+        None => Some(Finish::Throttled {
+            error: "worker shut down before running the task".into(),
+            after: Duration::ZERO,
+        }),
+    }
+}
+
+/// The wait after an API's Retry-After of `asked`: that, plus up to a
+/// quarter of it (at least up to a second) at random.
+pub fn throttle_delay(asked: Duration) -> Duration {
+    let spread = (asked / 4).max(Duration::from_secs(1));
+    asked + spread.mul_f64(fastrand::f64())
 }
 
 /// Extends the leases of the runs this worker executes, every third of a

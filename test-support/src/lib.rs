@@ -99,6 +99,20 @@ impl TestDb {
             .execute(&mut conn)
             .expect("running SQL");
     }
+
+    /// Runs a query of one text column, as with `psql -tAc`; its first row.
+    pub fn query_one(&self, sql: &str) -> String {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            value: String,
+        }
+        let mut conn = PgConnection::establish(&self.url).expect("connecting to the test database");
+        diesel::sql_query(format!("SELECT ({sql}) AS value"))
+            .get_result::<Row>(&mut conn)
+            .expect("running SQL")
+            .value
+    }
 }
 
 impl Drop for TestDb {
@@ -453,7 +467,7 @@ impl Daisy {
         }
     }
 
-    /// Starts `daisy worker` with fast retries.
+    /// Starts `daisy worker` with fast retries ([`WORKER_ARGS`]).
     pub fn worker(
         db_url: &str,
         plugins: &Path,
@@ -462,7 +476,7 @@ impl Daisy {
         extra: &[&str],
     ) -> Daisy {
         let child = Self::command(db_url, plugins, queue, amqp_url)
-            .args(["worker", "--retry-base-ms", "200", "--retry-max-ms", "2000"])
+            .args(WORKER_ARGS)
             .args(extra)
             .spawn()
             .expect("starting daisy worker");
@@ -548,6 +562,18 @@ pub async fn wait_for_runs(
     }
 }
 
+/// How tests run `daisy worker`: fast retries, and Retry-After waits that
+/// stop sparing attempts after 10 s in all.
+pub const WORKER_ARGS: &[&str] = &[
+    "worker",
+    "--retry-base-ms",
+    "200",
+    "--retry-max-ms",
+    "2000",
+    "--max-throttled-ms",
+    "10000",
+];
+
 /// A whole Daisy for plugin tests: a migrated database, a plugins directory,
 /// queues of its own, `daisy serve` and `daisy worker` processes (with extra
 /// environment for the plugins), and a client.
@@ -556,6 +582,8 @@ pub struct Stack {
     // declare the queues again after `queue` deleted them.
     _serve: Daisy,
     _worker: Daisy,
+    more_workers: Vec<Daisy>,
+    env: Vec<(String, String)>,
     /// Daisy's database.
     pub db: TestDb,
     /// The plugins directory.
@@ -593,7 +621,7 @@ impl Stack {
             addr: Some(addr),
         };
         let worker = Daisy {
-            child: spawn(&["worker", "--retry-base-ms", "200", "--retry-max-ms", "2000"]),
+            child: spawn(WORKER_ARGS),
             addr: None,
         };
         let client = serve.client().await;
@@ -604,7 +632,32 @@ impl Stack {
             client,
             _serve: serve,
             _worker: worker,
+            more_workers: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
+    }
+
+    /// Starts one more `daisy worker` on the same database and queues.
+    pub fn add_worker(&mut self) {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let child = Daisy::command_with(
+            &self.db.url,
+            self.plugins.path(),
+            &self.queue,
+            &self.queue.url,
+            &env,
+        )
+        .args(WORKER_ARGS)
+        .spawn()
+        .expect("starting daisy worker");
+        self.more_workers.push(Daisy { child, addr: None });
     }
 
     /// Attaches a task with plain SQL; returns its id.

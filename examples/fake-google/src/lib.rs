@@ -62,7 +62,16 @@ pub struct Google {
     sheets: Arc<Mutex<HashMap<String, Vec<String>>>>,
     /// Step → how many of its next calls answer 429 ([`Google::fail_next`]).
     failures: Arc<Mutex<HashMap<String, u32>>>,
+    /// Sheets write requests allowed per minute, if limited ([`Google::set_write_quota`]).
+    write_quota: Arc<Mutex<Option<usize>>>,
+    /// When each accepted Sheets write request came.
+    writes: Arc<Mutex<Vec<std::time::Instant>>>,
+    /// Writes refused for being over the quota.
+    pub over_quota: Arc<Mutex<u32>>,
 }
+
+/// The steps that count as Sheets write requests against the quota.
+const WRITE_STEPS: [&str; 3] = ["batchUpdate", "values.update", "values.append"];
 
 /// The steps [`Google::fail_next`] knows, one per endpoint.
 pub const STEPS: [&str; 9] = [
@@ -116,15 +125,69 @@ impl Google {
             .or_default() += times;
     }
 
-    /// The 429 for `step`, if one is due ([`Google::fail_next`]).
+    /// Limits Sheets write requests (appends, header writes, batch
+    /// updates) to `per_minute` in any 60 seconds, as Google's per-user
+    /// quota does: one more answers 429 with the seconds until a write
+    /// leaves the window as its Retry-After, counted in `over_quota`.
+    pub fn set_write_quota(&self, per_minute: usize) {
+        *self.write_quota.lock().expect("lock") = Some(per_minute);
+    }
+
+    /// The most Sheets write requests accepted within any 60 seconds.
+    pub fn most_writes_in_a_minute(&self) -> usize {
+        let writes = self.writes.lock().expect("lock");
+        let minute = std::time::Duration::from_secs(60);
+        (0..writes.len())
+            .map(|i| {
+                writes[i..]
+                    .iter()
+                    .take_while(|&&t| t.duration_since(writes[i]) < minute)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The 429 for `step`, if one is due ([`Google::fail_next`], or the
+    /// write quota); else a write is recorded against the quota.
     fn injected(&self, step: &str) -> Option<Response> {
-        let mut failures = self.failures.lock().expect("lock");
-        let left = failures.get_mut(step).filter(|left| **left > 0)?;
-        *left -= 1;
-        *self.throttled.lock().expect("lock") += 1;
-        Some(throttled(&format!(
-            "Quota exceeded for quota metric 'Requests' ({step})"
-        )))
+        {
+            let mut failures = self.failures.lock().expect("lock");
+            if let Some(left) = failures.get_mut(step).filter(|left| **left > 0) {
+                *left -= 1;
+                *self.throttled.lock().expect("lock") += 1;
+                return Some(throttled(&format!(
+                    "Quota exceeded for quota metric 'Requests' ({step})"
+                )));
+            }
+        }
+        if !WRITE_STEPS.contains(&step) {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let mut writes = self.writes.lock().expect("lock");
+        if let Some(quota) = *self.write_quota.lock().expect("lock") {
+            let minute = std::time::Duration::from_secs(60);
+            let in_window: Vec<_> = writes
+                .iter()
+                .filter(|&&t| now.duration_since(t) < minute)
+                .collect();
+            if in_window.len() >= quota {
+                let wait = minute.saturating_sub(now.duration_since(*in_window[0]));
+                *self.over_quota.lock().expect("lock") += 1;
+                *self.throttled.lock().expect("lock") += 1;
+                return Some(
+                    (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", (wait.as_secs() + 1).to_string())],
+                        Json(json!({"error": {"code": 429, "message": "Quota exceeded for quota metric 'Write requests' and limit 'Write requests per minute per user'", "status": "RESOURCE_EXHAUSTED"}})),
+                    )
+                        .into_response(),
+                );
+            }
+        }
+        writes.push(now);
+        None
     }
 
     /// The sheet (tab) titles of `spreadsheet`, in order.

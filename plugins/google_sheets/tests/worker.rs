@@ -438,3 +438,55 @@ async fn an_append_whose_reply_never_comes_says_the_row_may_have_been_written() 
     );
     assert_eq!(google.rows_of("sheet-1").len(), 1, "it was written");
 }
+
+/// Google's per-minute write quota, met by design: the task's rate limit
+/// paces its runs across two workers, so the quota is never hit, no attempt
+/// is used up by a 429, and every response is one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_under_the_write_quota_drains_a_burst_with_no_429() {
+    const QUOTA: usize = 10;
+    const SUBMISSIONS: usize = 60;
+    let (google, base) = fake_google(0).await;
+    google.set_write_quota(QUOTA);
+    let (mut stack, form, task, _creds) = sheets_task(
+        EMAIL,
+        &base,
+        json!({"spreadsheet_id": "sheet-1", "sheets_base_url": base}),
+    )
+    .await;
+    stack.add_worker();
+    // Under the quota, as the README says: a run sometimes writes twice
+    // (the header on the first), and a paced run may start a little late.
+    stack.db.execute(&format!(
+        "UPDATE tasks SET rate_per_minute = 8 WHERE id = '{task}'"
+    ));
+    let started = std::time::Instant::now();
+    let mut submissions = Vec::new();
+    for n in 0..SUBMISSIONS {
+        submissions.push(stack.process(form, json!({"answers": {"n": n}})).await.0);
+    }
+    for submission in &submissions {
+        let runs = stack.settled(submission, Duration::from_secs(900)).await;
+        assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
+        assert_eq!(runs[0].attempts, 1, "no attempt used up: {runs:?}");
+    }
+    let drained = started.elapsed();
+    let rows = google.rows_of("sheet-1");
+    let mut ids: Vec<&Value> = rows.iter().map(|row| &row[0]).collect();
+    ids.sort_by_key(|v| v.to_string());
+    ids.dedup();
+    assert_eq!(rows.len(), SUBMISSIONS, "one row per submission");
+    assert_eq!(ids.len(), SUBMISSIONS, "no duplicate row");
+    assert_eq!(
+        *google.over_quota.lock().expect("lock"),
+        0,
+        "no 429 from the quota"
+    );
+    let most = google.most_writes_in_a_minute();
+    assert!(most <= QUOTA, "{most} writes within one minute");
+    eprintln!(
+        "quota {QUOTA}/min, rate limit 8/min, 2 workers: {SUBMISSIONS} rows in {:.0} s, at most {most} writes in a minute, {} token exchanges",
+        drained.as_secs_f64(),
+        *google.exchanges.lock().expect("lock")
+    );
+}

@@ -169,6 +169,80 @@ impl Task for Flaky {
     }
 }
 
+/// Throttled, as by an API's 429 with `Retry-After: retry_after_secs`, on
+/// the first `times` executions of each run (counted in a file per run id
+/// under `dir`), then returns `{"executions": n, "attempt": a}`.
+pub struct Throttle {
+    times: u64,
+    retry_after: Duration,
+    dir: std::path::PathBuf,
+}
+
+impl Throttle {
+    /// Config: `{"times": 2, "retry_after_secs": 1, "dir": "/tmp/t"}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        let dir = config["dir"]
+            .as_str()
+            .ok_or_else(|| TaskError::permanent("config field 'dir' must be a string"))?;
+        Ok(Throttle {
+            times: config["times"].as_u64().unwrap_or(1),
+            retry_after: Duration::from_secs(config["retry_after_secs"].as_u64().unwrap_or(1)),
+            dir: dir.into(),
+        })
+    }
+}
+
+impl Task for Throttle {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        let file = self.dir.join(&input.run_id);
+        let executions =
+            std::fs::read_to_string(&file).map_or(0, |s| s.trim().parse::<u64>().unwrap_or(0)) + 1;
+        std::fs::write(&file, executions.to_string())
+            .map_err(|e| TaskError::retryable(format!("writing {}: {e}", file.display())))?;
+        if executions <= self.times {
+            return Err(TaskError::retryable(format!(
+                "429 Too Many Requests (execution {executions})"
+            ))
+            .with_retry_after(self.retry_after));
+        }
+        Ok(json!({ "executions": executions, "attempt": input.attempt }))
+    }
+}
+
+/// Appends `<unix time in ms> <run id>` to `path` on every run: when runs
+/// really started, for pacing tests.
+pub struct Stamp {
+    path: std::path::PathBuf,
+}
+
+impl Stamp {
+    /// Config: `{"path": "/tmp/stamps"}`.
+    pub fn new(config: Value) -> Result<Self, TaskError> {
+        let path = config["path"]
+            .as_str()
+            .ok_or_else(|| TaskError::permanent("config field 'path' must be a string"))?;
+        Ok(Stamp { path: path.into() })
+    }
+}
+
+impl Task for Stamp {
+    fn run(&self, input: &Input) -> Result<Value, TaskError> {
+        use std::io::Write;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| TaskError::retryable(format!("opening {}: {e}", self.path.display())))?;
+        // One short line per write: atomic with O_APPEND across processes.
+        file.write_all(format!("{now} {}\n", input.run_id).as_bytes())
+            .map_err(|e| TaskError::retryable(format!("writing {}: {e}", self.path.display())))?;
+        Ok(json!({ "started_ms": now as u64 }))
+    }
+}
+
 /// Aborts the whole process: a plugin that crashes its host on every run.
 pub struct Abort;
 
@@ -465,6 +539,8 @@ plugin_api::export_plugin!(
     "slow_new" => SlowNew::new,
     "env" => Env::new,
     "flaky" => Flaky::new,
+    "throttle" => Throttle::new,
+    "stamp" => Stamp::new,
     "abort" => Abort::new,
     "count" => Count::new,
     "fail" => Fail::new,

@@ -5,11 +5,13 @@
 //! changes to a form's tasks (see `migrations/` for the trigger).
 
 mod keys;
+mod rate;
 mod retention;
 mod runs;
 mod schema;
 
 pub use keys::{NewKey, StoredKey};
+pub use rate::Pace;
 
 pub use runs::{
     Acceptance, Accepted, Attempt, ClaimRequest, Claimed, DeadLetter, Finish, Replay, Run,
@@ -74,6 +76,27 @@ pub struct TaskDef {
     pub created_at: DateTime<Utc>,
     /// `process`, `in_process`, or `None` for the server's default.
     pub isolation: Option<String>,
+    /// At most this many runs start a minute, across all workers.
+    pub rate_per_minute: Option<i32>,
+    /// Tasks of one group share one pace; without one, the task has its own.
+    pub rate_group: Option<String>,
+}
+
+impl TaskDef {
+    /// The task's pace, if it has a rate limit: the bucket it draws from
+    /// (its group, or its own id) and the interval between run starts.
+    pub fn pace(&self) -> Option<rate::Pace> {
+        let per_minute = u32::try_from(self.rate_per_minute?)
+            .ok()
+            .filter(|&n| n > 0)?;
+        Some(rate::Pace {
+            bucket: self
+                .rate_group
+                .as_ref()
+                .map_or_else(|| format!("task:{}", self.id), |g| format!("group:{g}")),
+            interval: Duration::from_secs(60) / per_minute,
+        })
+    }
 }
 
 /// A task to attach to a form.

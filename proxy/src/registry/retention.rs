@@ -11,7 +11,7 @@ impl Registry {
     /// `cutoff`, with their attempts, then up to `batch` submissions created
     /// before `cutoff` that have no runs left. Queued, running and retrying
     /// runs, and their submissions, are never touched. Returns how many
-    /// runs and submissions went; call again until both are 0.
+    /// runs and submissions went (and drops paces unused for a day); call again until both are 0.
     pub fn prune(
         &self,
         cutoff: DateTime<Utc>,
@@ -38,6 +38,9 @@ impl Registry {
         .bind::<Timestamptz, _>(cutoff)
         .bind::<diesel::sql_types::BigInt, _>(batch)
         .execute(&mut conn)?;
+        // Paces unused for a day (a detached task's, say): a small table.
+        diesel::sql_query("DELETE FROM rate_slots WHERE next_at < now() - interval '1 day'")
+            .execute(&mut conn)?;
         Ok((runs, submissions))
     }
 

@@ -186,6 +186,10 @@ pub struct Claimed {
     pub max_attempts: i32,
     /// When this execution started.
     pub started_at: DateTime<Utc>,
+    /// How long the run has waited on APIs' Retry-After so far.
+    pub throttled: Duration,
+    /// The start time it reserved from its rate limit, when it was paced.
+    pub slot_at: Option<DateTime<Utc>>,
 }
 
 /// A delivery's request to claim its run.
@@ -222,6 +226,10 @@ struct ClaimedRow {
     max_attempts: i32,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
     started_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = diesel::sql_types::Int8)]
+    throttled_ms: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    slot_at: Option<DateTime<Utc>>,
 }
 
 /// One execution of a run: (attempt, started, finished, outcome).
@@ -243,6 +251,20 @@ pub enum Finish {
     Dead {
         /// Why.
         error: String,
+    },
+    /// The API throttled it: run again after `after` (its Retry-After and
+    /// some jitter), without counting this execution as an attempt.
+    Throttled {
+        /// What the API said.
+        error: String,
+        /// The wait.
+        after: Duration,
+    },
+    /// Its rate limit's next start time is `at`, which the run now holds:
+    /// run it then, without counting this execution as an attempt.
+    Paced {
+        /// The reserved start time.
+        at: DateTime<Utc>,
     },
 }
 
@@ -583,7 +605,8 @@ impl Registry {
                     OR (t.state = 'running' AND (t.claim_token = i.token \
                         OR (i.redelivered AND (t.lease_until IS NULL OR t.lease_until < now()))))) \
              RETURNING i.token, t.id AS run_id, t.task_id, t.form_id, t.submission_id, \
-                       s.payload, s.context, t.attempts, t.max_attempts, t.started_at",
+                       s.payload, s.context, t.attempts, t.max_attempts, t.started_at, \
+                       t.throttled_ms, t.slot_at",
         )
         .bind::<Array<SqlUuid>, _>(requests.iter().map(|r| r.run).collect::<Vec<_>>())
         .bind::<Array<Bool>, _>(requests.iter().map(|r| r.redelivered).collect::<Vec<_>>())
@@ -605,6 +628,8 @@ impl Registry {
                     attempt: row.attempts,
                     max_attempts: row.max_attempts,
                     started_at: row.started_at.unwrap_or_else(Utc::now),
+                    throttled: Duration::from_millis(u64::try_from(row.throttled_ms).unwrap_or(0)),
+                    slot_at: row.slot_at,
                 })
             })
             .collect())
@@ -654,7 +679,9 @@ impl Registry {
         worker: &str,
         finished: &[(Claimed, Finish)],
     ) -> Result<(), RegistryError> {
-        use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        use diesel::sql_types::{
+            Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+        };
         if finished.is_empty() {
             return Ok(());
         }
@@ -666,48 +693,72 @@ impl Registry {
         let mut errors = Vec::with_capacity(finished.len());
         let mut next_at = Vec::with_capacity(finished.len());
         let mut started = Vec::with_capacity(finished.len());
+        let mut waited = Vec::with_capacity(finished.len());
+        // Checked: no delay, however large, can overflow the time
+        // arithmetic (a year is the most it ever means).
+        let after_now = |after: &Duration| {
+            chrono::Duration::from_std(*after)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or_else(|| now + chrono::Duration::days(365))
+                .min(now + chrono::Duration::days(365))
+        };
         for (claimed, finish) in finished {
             ids.push(claimed.run_id);
             attempts.push(claimed.attempt);
             started.push(claimed.started_at);
-            let (state, output, error, at) = match finish {
+            let (kind, output, error, at) = match finish {
                 Finish::Succeeded(output) => ("succeeded", Some(output), None, None),
                 Finish::Retry { error, after } => (
                     "retrying",
                     None,
                     Some(error.as_str()),
-                    // Checked: no delay, however large, can overflow the
-                    // time arithmetic (a year is the most it ever means).
-                    Some(
-                        chrono::Duration::from_std(*after)
-                            .ok()
-                            .and_then(|d| now.checked_add_signed(d))
-                            .unwrap_or_else(|| now + chrono::Duration::days(365))
-                            .min(now + chrono::Duration::days(365)),
-                    ),
+                    Some(after_now(after)),
                 ),
                 Finish::Dead { error } => ("dead", None, Some(error.as_str()), None),
+                Finish::Throttled { error, after } => (
+                    "throttled",
+                    None,
+                    Some(error.as_str()),
+                    Some(after_now(after)),
+                ),
+                Finish::Paced { at } => ("paced", None, None, Some(*at)),
             };
-            states.push(state);
+            waited.push(match finish {
+                Finish::Throttled { after, .. } => {
+                    i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
+                }
+                _ => 0,
+            });
+            states.push(kind);
             outputs.push(output);
             errors.push(error);
             next_at.push(at);
         }
         let mut conn = self.conn()?;
+        // A throttled or paced execution gives its attempt back and is not
+        // logged as one; a paced run keeps its last error and holds its slot.
         diesel::sql_query(
-            "WITH i AS (SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7) \
-                        AS i(id, attempt, state, output, error, next_at, started_at)), \
+            "WITH i AS (SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $9) \
+                        AS i(id, attempt, kind, output, error, next_at, started_at, waited_ms)), \
              stored AS (UPDATE task_runs t SET \
-                 state = i.state, \
-                 output = CASE WHEN i.state = 'succeeded' THEN i.output ELSE t.output END, \
-                 last_error = i.error, \
+                 state = CASE WHEN i.kind IN ('throttled', 'paced') THEN 'retrying' ELSE i.kind END, \
+                 attempts = CASE WHEN i.kind IN ('throttled', 'paced') \
+                            THEN t.attempts - 1 ELSE t.attempts END, \
+                 output = CASE WHEN i.kind = 'succeeded' THEN i.output ELSE t.output END, \
+                 last_error = CASE WHEN i.kind = 'paced' THEN t.last_error ELSE i.error END, \
                  next_attempt_at = COALESCE(i.next_at, t.next_attempt_at), \
-                 published_at = CASE WHEN i.state = 'retrying' THEN NULL ELSE t.published_at END, \
-                 finished_at = CASE WHEN i.state = 'retrying' THEN t.finished_at ELSE now() END, \
+                 published_at = CASE WHEN i.kind IN ('retrying', 'throttled', 'paced') \
+                                THEN NULL ELSE t.published_at END, \
+                 finished_at = CASE WHEN i.kind IN ('retrying', 'throttled', 'paced') \
+                               THEN t.finished_at ELSE now() END, \
+                 throttled_ms = t.throttled_ms + i.waited_ms, \
+                 slot_at = CASE WHEN i.kind = 'paced' THEN i.next_at END, \
                  updated_at = now() \
                FROM i WHERE t.id = i.id AND t.state = 'running' AND t.attempts = i.attempt) \
              INSERT INTO task_run_attempts (run_id, attempt, worker, started_at, finished_at, outcome, error) \
-             SELECT id, attempt, $8, started_at, now(), state, error FROM i \
+             SELECT id, attempt, $8, started_at, now(), kind, error FROM i \
+             WHERE i.kind NOT IN ('throttled', 'paced') \
              ON CONFLICT DO NOTHING",
         )
         .bind::<Array<SqlUuid>, _>(ids)
@@ -718,6 +769,7 @@ impl Registry {
         .bind::<Array<Nullable<Timestamptz>>, _>(next_at)
         .bind::<Array<Timestamptz>, _>(started)
         .bind::<Text, _>(worker)
+        .bind::<Array<Int8>, _>(waited)
         .execute(&mut conn)?;
         Ok(())
     }
@@ -810,6 +862,8 @@ impl Registry {
             .set((
                 task_runs::state.eq("queued"),
                 task_runs::attempts.eq(0),
+                task_runs::throttled_ms.eq(0),
+                task_runs::slot_at.eq(None::<DateTime<Utc>>),
                 task_runs::next_attempt_at.eq(diesel::dsl::now),
                 task_runs::published_at.eq(None::<DateTime<Utc>>),
                 task_runs::finished_at.eq(None::<DateTime<Utc>>),

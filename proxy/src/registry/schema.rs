@@ -25,6 +25,13 @@ diesel::table! {
 }
 
 diesel::table! {
+    rate_slots (bucket) {
+        bucket -> Text,
+        next_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     submissions (id) {
         id -> Uuid,
         form_id -> Uuid,
@@ -67,6 +74,8 @@ diesel::table! {
         updated_at -> Timestamptz,
         claim_token -> Nullable<Uuid>,
         lease_until -> Nullable<Timestamptz>,
+        throttled_ms -> Int8,
+        slot_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -84,6 +93,8 @@ diesel::table! {
         max_attempts -> Int4,
         created_at -> Timestamptz,
         isolation -> Nullable<Text>,
+        rate_per_minute -> Nullable<Int4>,
+        rate_group -> Nullable<Text>,
     }
 }
 
@@ -92,6 +103,7 @@ diesel::joinable!(task_run_attempts -> task_runs (run_id));
 diesel::allow_tables_to_appear_in_same_query!(
     api_keys,
     plugin_quarantines,
+    rate_slots,
     submissions,
     task_run_attempts,
     task_runs,

@@ -72,6 +72,71 @@ fn tasks_are_attached_listed_and_detached() {
 }
 
 #[test]
+fn rate_limits_are_set_listed_changed_and_removed() {
+    let db = TestDb::new();
+    let plugins = PluginsDir::new();
+    plugins.install("echo", "echo");
+    let form = Uuid::new_v4().to_string();
+    let attach = |extra: &[&str]| {
+        let mut args = vec![
+            "task", "attach", "--form", &form, "--name", "n", "--module", "echo", "--func", "echo",
+            "--async",
+        ];
+        args.extend_from_slice(extra);
+        daisy(&db, &plugins, &args)
+    };
+    let id = stdout(&attach(&[
+        "--rate-limit",
+        "50",
+        "--rate-group",
+        "google-sa-1",
+    ]));
+    let id = id.trim().to_owned();
+    let listed = stdout(&daisy(&db, &plugins, &["task", "list", "--form", &form]));
+    assert!(listed.contains("50/min:google-sa-1"), "{listed}");
+
+    let changed = stdout(&daisy(
+        &db,
+        &plugins,
+        &["task", "limit", &id, "--rate-limit", "8"],
+    ));
+    assert!(changed.contains("at most 8 runs a minute"), "{changed}");
+    let listed = stdout(&daisy(&db, &plugins, &["task", "list", "--form", &form]));
+    assert!(
+        listed.contains("8/min ") && !listed.contains("google-sa-1"),
+        "{listed}"
+    );
+
+    stdout(&daisy(&db, &plugins, &["task", "limit", &id]));
+    let listed = stdout(&daisy(&db, &plugins, &["task", "list", "--form", &form]));
+    assert!(!listed.contains("/min"), "{listed}");
+
+    // A group needs a limit, and a limit must be positive.
+    for bad in [
+        &["--rate-group", "g"][..],
+        &["--rate-limit", "0"][..],
+        &["--rate-limit", "5", "--rate-group", ""][..],
+    ] {
+        let refused = attach(bad);
+        assert!(!refused.status.success(), "{bad:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("rate"), "{bad:?}: {stderr}");
+    }
+    let missing = daisy(
+        &db,
+        &plugins,
+        &[
+            "task",
+            "limit",
+            &Uuid::new_v4().to_string(),
+            "--rate-limit",
+            "1",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no task with id"));
+}
+
+#[test]
 fn attach_refuses_bad_names_and_config_and_warns_about_missing_plugins() {
     let db = TestDb::new();
     let plugins = PluginsDir::new();

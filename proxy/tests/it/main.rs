@@ -13,6 +13,7 @@ mod fuzz;
 mod hosts;
 mod hot_reload;
 mod process;
+mod quotas;
 mod security;
 mod service;
 mod validation;
