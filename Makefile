@@ -7,7 +7,7 @@ CARGO ?= cargo
 PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
 DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
 
-.PHONY: help build plugins fixtures migrate serve demo test fuzz soak lint deny audit check-schema bench bench-quick ci
+.PHONY: help build plugins fixtures migrate serve demo test fuzz soak lint check-ops deny audit check-schema bench bench-quick ci
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -57,6 +57,10 @@ lint: ## rustfmt, clippy and plugin-api's docs, warnings as errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p plugin-api --no-deps
 
+check-ops: ## promtool: the alert rules are valid and their unit tests pass
+	promtool check rules ops/prometheus/alerts.yml
+	cd ops/prometheus && promtool test rules alerts_test.yml
+
 deny: ## cargo-deny: licenses, banned crates and sources (deny.toml)
 	$(CARGO) deny check licenses bans sources
 
@@ -66,4 +70,4 @@ audit: ## cargo-deny's advisory check against the RustSec database (needs the ne
 check-schema: ## diesel CLI: migration run, redo and print-schema match the committed schema
 	scripts/check-schema.sh
 
-ci: lint test check-schema demo ## everything .ci/run checks
+ci: lint check-ops test check-schema demo ## everything .ci/run checks

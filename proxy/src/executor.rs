@@ -140,6 +140,20 @@ impl Executor {
             Err(_) => timed_out(),
         };
         let duration = started.elapsed();
+        if crate::metrics::enabled() {
+            let mode = if task.is_async { "async" } else { "sync" };
+            let result = match &outcome {
+                Outcome::Succeeded(_) => "succeeded",
+                Outcome::Failed { .. } => "failed",
+                Outcome::TimedOut(_) => "timed_out",
+                Outcome::Crashed { .. } => "crashed",
+            };
+            let name = task.name.clone();
+            ::metrics::counter!(crate::metrics::TASK_RUNS, "task" => name.clone(), "mode" => mode, "outcome" => result)
+                .increment(1);
+            ::metrics::histogram!(crate::metrics::TASK_DURATION, "task" => name, "mode" => mode)
+                .record(duration);
+        }
         span.in_scope(|| match &outcome {
             Outcome::Succeeded(_) => {
                 tracing::debug!(duration_us = duration.as_micros() as u64, "task succeeded")

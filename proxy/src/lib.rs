@@ -12,6 +12,7 @@
 //! - [`plugins`]: the plugin-host layer: runs plugin code in supervised
 //!   host processes (or in-process, where a task opts in).
 //! - [`batch`]: group commit of concurrent callers' database writes.
+//! - [`http`] and [`metrics`]: the operations listener and Prometheus metrics.
 //! - [`error`]: the error types.
 
 pub mod auth;
@@ -20,6 +21,8 @@ pub mod catalog;
 pub mod error;
 pub mod executor;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod plugins;
 pub mod queue;
@@ -68,6 +71,8 @@ pub struct Config {
     pub retain: Option<std::time::Duration>,
     /// TLS, API keys and reflection.
     pub security: security::Security,
+    /// Where the operations listener (metrics, health) listens, if at all.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 /// Which synchronous runs `Process` records in `task_runs` (asynchronous

@@ -654,6 +654,7 @@ fn try_main() -> anyhow::Result<()> {
                 retry_base: Duration::from_millis(args.retry_base_ms),
                 retry_max: Duration::from_millis(args.retry_max_ms),
                 max_throttled: Duration::from_millis(args.max_throttled_ms),
+                http_addr: None,
                 max_crashes: args.max_crashes.max(1),
                 lease: Duration::from_secs(args.lease_secs.max(1)),
                 name: args.name.unwrap_or_else(|| {
@@ -764,6 +765,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             retain: (args.retain_days > 0)
                 .then(|| Duration::from_secs(args.retain_days.saturating_mul(86_400))),
             security,
+            http_addr: None,
         };
         proxy::run(listener, config, shutdown_signal()).await
     })

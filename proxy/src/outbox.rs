@@ -156,6 +156,8 @@ impl Outbox {
                 Ok(Ok(published)) => {
                     if published > 0 {
                         tracing::info!(published, "relay published runs");
+                        ::metrics::counter!(crate::metrics::RUNS_PUBLISHED, "path" => "relay")
+                            .increment(published as u64);
                     }
                     failing = false;
                     published as i64 >= batch
@@ -196,6 +198,8 @@ async fn publish_fresh(
         if confirmed.is_empty() {
             continue;
         }
+        ::metrics::counter!(crate::metrics::RUNS_PUBLISHED, "path" => "accept")
+            .increment(confirmed.len() as u64);
         let registry = registry.clone();
         let stored = tokio::task::spawn_blocking(move || registry.mark_published(&confirmed)).await;
         if let Ok(Err(err)) = stored {

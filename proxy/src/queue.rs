@@ -393,9 +393,11 @@ impl Publisher {
             if io.listen_network_io_failure().await {
                 tracing::warn!("lost the connection to RabbitMQ");
             }
+            ::metrics::gauge!(crate::metrics::BROKER_CONNECTED, "role" => "publisher").set(0.0);
             watcher.fail_all();
         });
         tracing::info!("connected to RabbitMQ for publishing");
+        ::metrics::gauge!(crate::metrics::BROKER_CONNECTED, "role" => "publisher").set(1.0);
         Ok(Live {
             _connection: connection,
             channel,
@@ -507,6 +509,14 @@ pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.75 + fastrand::f64() * 0.5)
 }
 
+/// Consumers of this process that are up (for readiness).
+static CONSUMERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many of this process's consumers are connected and consuming.
+pub fn consumers_up() -> usize {
+    CONSUMERS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One message handed to a consumer's handler.
 pub struct Delivery {
     /// The run id in the body, if it parses.
@@ -524,6 +534,7 @@ impl Delivery {
     /// background, many per frame; one lost with the connection only means
     /// a redelivery, which the run's claim makes harmless.
     pub fn ack(&self) {
+        ::metrics::counter!(crate::metrics::WORKER_ACKS).increment(1);
         self.acks.done(self.tag);
     }
 }
@@ -671,6 +682,9 @@ pub async fn consume<F, Fut>(
         };
         backoff.reset();
         tracing::info!(queue, "consuming");
+        let connected = ::metrics::gauge!(crate::metrics::BROKER_CONNECTED, "role" => "consumer", "queue" => queue.to_owned());
+        connected.set(1.0);
+        CONSUMERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The receiver ends when the channel or connection closes.
         let io = connection.clone();
         let (lost_tx, mut lost) = oneshot::channel::<()>();
@@ -718,6 +732,8 @@ pub async fn consume<F, Fut>(
         drop(_all);
         acks.close();
         let _ = acker.await;
+        connected.set(0.0);
+        CONSUMERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if !*shutdown.borrow() {
             tracing::warn!(queue, "lost the RabbitMQ consumer; reconnecting");
         }

@@ -72,6 +72,26 @@ pub async fn run(
     let pruner = config
         .retain
         .map(|retain| tokio::spawn(prune(registry.clone(), retain, relay_stopped.clone())));
+    let ops = match config.http_addr {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await?;
+            let ready: crate::http::Check = {
+                let registry = registry.clone();
+                Arc::new(move || {
+                    let registry = registry.clone();
+                    Box::pin(async move { database_ready(registry).await })
+                })
+            };
+            let mut stop = relay_stopped.clone();
+            let shutdown = async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            };
+            crate::metrics::install()?;
+            tokio::spawn(run_stats(registry.clone(), relay_stopped.clone()));
+            Some(tokio::spawn(crate::http::serve(listener, ready, shutdown)))
+        }
+        None => None,
+    };
     let relay = tokio::spawn(outbox.clone().relay(
         config.relay_interval,
         config.stale_after,
@@ -166,6 +186,9 @@ pub async fn run(
     // The service (and its run log sender) is gone: the writer flushes and ends.
     let _ = stop_relay.send(true);
     let _ = relay.await;
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     if let Some(pruner) = pruner {
         let _ = pruner.await;
     }
@@ -178,6 +201,44 @@ pub async fn run(
     plugins.shutdown();
     tracing::info!("daisy stopped");
     Ok(())
+}
+
+/// Ready when the database answers within a second.
+pub async fn database_ready(registry: Registry) -> Result<(), String> {
+    let ping = tokio::task::spawn_blocking(move || registry.ping());
+    match tokio::time::timeout(Duration::from_secs(1), ping).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(err))) => Err(format!("the database: {err}")),
+        Ok(Err(_)) | Err(_) => Err("the database did not answer within 1 s".into()),
+    }
+}
+
+/// Sets the run and outbox gauges from [`Registry::run_stats`] every 15 s
+/// until `stop`.
+async fn run_stats(registry: Registry, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use crate::metrics::{OUTBOX_OLDEST_AGE, OUTBOX_UNPUBLISHED, RUNS_BY_STATE};
+    while !*stop.borrow() {
+        let reading = registry.clone();
+        match tokio::task::spawn_blocking(move || reading.run_stats()).await {
+            Ok(Ok(stats)) => {
+                for (state, runs) in stats.by_state {
+                    ::metrics::gauge!(RUNS_BY_STATE, "state" => state).set(runs as f64);
+                }
+                ::metrics::gauge!(OUTBOX_UNPUBLISHED).set(stats.unpublished as f64);
+                let age = stats
+                    .oldest_unpublished
+                    .and_then(|at| (chrono::Utc::now() - at).to_std().ok())
+                    .unwrap_or_default();
+                ::metrics::gauge!(OUTBOX_OLDEST_AGE).set(age.as_secs_f64());
+            }
+            Ok(Err(err)) => tracing::debug!(error = %err, "reading run statistics failed"),
+            Err(join) => tracing::error!(error = %join, "reading run statistics panicked"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+            _ = stop.changed() => {}
+        }
+    }
 }
 
 /// Deletes what is finished and older than `retain`, every ten minutes, in

@@ -57,6 +57,8 @@ pub struct WorkerConfig {
     /// How long a claim holds a run without being extended; the worker
     /// extends the leases of the runs it executes every third of it.
     pub lease: Duration,
+    /// Where the operations listener (metrics, health) listens, if at all.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs claimed or finished per database statement, at most.
@@ -160,6 +162,29 @@ pub async fn run(
         config: config.clone(),
         shutdown: stop_rx.clone(),
     });
+    let ops = match config.http_addr {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await?;
+            let registry = ctx.registry.clone();
+            let ready: crate::http::Check = Arc::new(move || {
+                let registry = registry.clone();
+                Box::pin(async move {
+                    crate::server::database_ready(registry).await?;
+                    if queue::consumers_up() == 0 {
+                        return Err("not consuming from RabbitMQ".into());
+                    }
+                    Ok(())
+                })
+            });
+            let mut stop = stop_rx.clone();
+            let shutdown = async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            };
+            crate::metrics::install()?;
+            Some(tokio::spawn(crate::http::serve(listener, ready, shutdown)))
+        }
+        None => None,
+    };
     tracing::info!(worker = %config.name, queue = %config.queue.queue, "worker started");
     let leases = tokio::spawn(keep_leases(ctx.clone(), stop_rx.clone()));
     let dead_letters = tokio::spawn({
@@ -186,6 +211,9 @@ pub async fn run(
     .await;
     let _ = dead_letters.await;
     let _ = leases.await;
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     plugins.shutdown();
     tracing::info!("worker stopped");
     Ok(())
@@ -315,7 +343,10 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     };
     let span =
         tracing::info_span!("delivery", run.id = %run_id, redelivered = delivery.redelivered);
+    let in_flight = ::metrics::gauge!(crate::metrics::WORKER_IN_FLIGHT);
+    in_flight.increment(1.0);
     handle_run(ctx, delivery, run_id).instrument(span).await;
+    in_flight.decrement(1.0);
 }
 
 async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
@@ -361,6 +392,7 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
         )
         .await;
     };
+    ::metrics::counter!(crate::metrics::WORKER_CLAIMS).increment(1);
     ctx.held
         .lock()
         .expect("held runs poisoned")
@@ -372,6 +404,14 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
     if finished.is_none() {
         return;
     }
+    let result = match &finish {
+        Finish::Succeeded(_) => "succeeded",
+        Finish::Retry { .. } => "retry",
+        Finish::Dead { .. } => "dead",
+        Finish::Throttled { .. } => "throttled",
+        Finish::Paced { .. } => "paced",
+    };
+    ::metrics::counter!(crate::metrics::WORKER_FINISHES, "result" => result).increment(1);
     match &finish {
         Finish::Succeeded(_) => {
             tracing::info!(run.id = %run_id, attempt, "run succeeded")

@@ -562,6 +562,24 @@ pub async fn wait_for_runs(
     }
 }
 
+/// A new log file for a process of `kind` (serve, worker) in `dir`.
+fn log_file(dir: &Path, kind: &str) -> std::fs::File {
+    let n = std::fs::read_dir(dir).map_or(0, |d| d.count());
+    std::fs::File::create(dir.join(format!("{n:02}-{kind}.log"))).expect("creating a log file")
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // A failing test shows what the processes logged.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daisy logs ---\n{}--- end of daisy logs ---",
+                self.logs()
+            );
+        }
+    }
+}
+
 /// How tests run `daisy worker`: fast retries, and Retry-After waits that
 /// stop sparing attempts after 10 s in all.
 pub const WORKER_ARGS: &[&str] = &[
@@ -584,6 +602,8 @@ pub struct Stack {
     _worker: Daisy,
     more_workers: Vec<Daisy>,
     env: Vec<(String, String)>,
+    /// The processes' stderr, one file each; shown if the test fails.
+    logs: tempfile::TempDir,
     /// Daisy's database.
     pub db: TestDb,
     /// The plugins directory.
@@ -597,31 +617,55 @@ pub struct Stack {
 impl Stack {
     /// Installs `plugins` (crate lib name, module) and starts Daisy with `env`.
     pub async fn start(plugins: &[(&str, &str)], env: &[(&str, &str)]) -> Stack {
+        Self::start_with(plugins, env, &[], &[]).await
+    }
+
+    /// [`Stack::start`], with extra arguments for `serve` and for `worker`.
+    pub async fn start_with(
+        plugins: &[(&str, &str)],
+        env: &[(&str, &str)],
+        serve_args: &[&str],
+        worker_args: &[&str],
+    ) -> Stack {
         let (db, dir, queue) = (TestDb::daisy(), PluginsDir::new(), TestQueue::new());
         for (krate, module) in plugins {
             dir.install(krate, module);
         }
         let addr = free_port();
+        let logs = tempfile::tempdir().expect("a logs directory");
         let spawn = |args: &[&str]| {
+            let log = log_file(logs.path(), args[0]);
             Daisy::command_with(&db.url, dir.path(), &queue, &queue.url, env)
                 .args(args)
+                .stderr(log)
                 .spawn()
                 .expect("starting daisy")
         };
         let serve = Daisy {
-            child: spawn(&[
-                "serve",
-                "--addr",
-                &addr.to_string(),
-                "--outbox-grace-ms",
-                "1000",
-                "--relay-interval-ms",
-                "200",
-            ]),
+            child: spawn(
+                &[
+                    "serve",
+                    "--addr",
+                    &addr.to_string(),
+                    "--outbox-grace-ms",
+                    "1000",
+                    "--relay-interval-ms",
+                    "200",
+                ]
+                .into_iter()
+                .chain(serve_args.iter().copied())
+                .collect::<Vec<_>>(),
+            ),
             addr: Some(addr),
         };
         let worker = Daisy {
-            child: spawn(WORKER_ARGS),
+            child: spawn(
+                &WORKER_ARGS
+                    .iter()
+                    .chain(worker_args)
+                    .copied()
+                    .collect::<Vec<_>>(),
+            ),
             addr: None,
         };
         let client = serve.client().await;
@@ -637,7 +681,22 @@ impl Stack {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            logs,
         }
+    }
+
+    /// Everything `serve` and the workers wrote to stderr so far (their
+    /// logs, at `RUST_LOG`'s level: `error` unless `env` says otherwise).
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        if let Ok(dir) = std::fs::read_dir(self.logs.path()) {
+            let mut files: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for file in files {
+                all.push_str(&std::fs::read_to_string(&file).unwrap_or_default());
+            }
+        }
+        all
     }
 
     /// Starts one more `daisy worker` on the same database and queues.
@@ -655,6 +714,7 @@ impl Stack {
             &env,
         )
         .args(WORKER_ARGS)
+        .stderr(log_file(self.logs.path(), "worker"))
         .spawn()
         .expect("starting daisy worker");
         self.more_workers.push(Daisy { child, addr: None });

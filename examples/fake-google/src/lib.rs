@@ -62,6 +62,8 @@ pub struct Google {
     sheets: Arc<Mutex<HashMap<String, Vec<String>>>>,
     /// Step → how many of its next calls answer 429 ([`Google::fail_next`]).
     failures: Arc<Mutex<HashMap<String, u32>>>,
+    /// Step → how many of its next calls answer 503 ([`Google::break_next`]).
+    outages: Arc<Mutex<HashMap<String, u32>>>,
     /// Sheets write requests allowed per minute, if limited ([`Google::set_write_quota`]).
     write_quota: Arc<Mutex<Option<usize>>>,
     /// When each accepted Sheets write request came.
@@ -125,6 +127,19 @@ impl Google {
             .or_default() += times;
     }
 
+    /// Makes the next `times` calls of `step` answer 503 without a
+    /// Retry-After, as Google's backends sometimes do: a failure, not a
+    /// throttle. The call has no effect.
+    pub fn break_next(&self, step: &str, times: u32) {
+        assert!(STEPS.contains(&step), "unknown step {step:?}");
+        *self
+            .outages
+            .lock()
+            .expect("lock")
+            .entry(step.to_owned())
+            .or_default() += times;
+    }
+
     /// Limits Sheets write requests (appends, header writes, batch
     /// updates) to `per_minute` in any 60 seconds, as Google's per-user
     /// quota does: one more answers 429 with the seconds until a write
@@ -151,6 +166,16 @@ impl Google {
     /// The 429 for `step`, if one is due ([`Google::fail_next`], or the
     /// write quota); else a write is recorded against the quota.
     fn injected(&self, step: &str) -> Option<Response> {
+        {
+            let mut outages = self.outages.lock().expect("lock");
+            if let Some(left) = outages.get_mut(step).filter(|left| **left > 0) {
+                *left -= 1;
+                return Some(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The service is currently unavailable.",
+                ));
+            }
+        }
         {
             let mut failures = self.failures.lock().expect("lock");
             if let Some(left) = failures.get_mut(step).filter(|left| **left > 0) {

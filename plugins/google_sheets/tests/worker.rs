@@ -377,12 +377,12 @@ async fn a_spreadsheet_left_pending_is_finished_by_the_next_run_and_never_used_u
         }),
     )
     .await;
-    // The tagging fails on the first run, which has one attempt: it is
-    // dead, its spreadsheet left pending, without rows.
+    // The tagging fails (a 503, not a throttle) on the first run, which has
+    // one attempt: it is dead, its spreadsheet left pending, without rows.
     stack.db.execute(&format!(
         "UPDATE tasks SET max_attempts = 1 WHERE id = '{task}'"
     ));
-    google.fail_next("files.update", 1);
+    google.break_next("files.update", 1);
     let (first, _) = stack.process(form, json!({"answers": {"n": 1}})).await;
     let runs = stack.settled(&first, Duration::from_secs(60)).await;
     assert_eq!(runs[0].state(), RunState::Dead, "{runs:?}");

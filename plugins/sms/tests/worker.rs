@@ -222,7 +222,13 @@ async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
         .await;
 
     assert_eq!(runs[0].state(), RunState::Succeeded, "{runs:?}");
-    assert_eq!(runs[0].attempts, 3, "two 429s, then accepted");
+    // Two 429s with Retry-After, then accepted: throttles use no attempt.
+    assert_eq!(
+        *gateway.throttle.lock().expect("lock"),
+        0,
+        "both 429s were answered"
+    );
+    assert_eq!(runs[0].attempts, 1, "the 429s used no attempt: {runs:?}");
     // The output keeps the number masked too: it is stored with the run.
     let output = proto::json::value_to_json(runs[0].output.as_ref().expect("output"));
     assert_eq!(output["to"], "+44*******123");
@@ -238,9 +244,13 @@ async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
     let gateway = Gateway::default();
     let base = fake_gateway(gateway.clone()).await;
     let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
+    // Everything logged, to look for phone numbers in it.
     let mut stack = Stack::start(
         &[("sms", "sms")],
-        &[("DAISY_SECRETS_DIR", secrets.env_value())],
+        &[
+            ("DAISY_SECRETS_DIR", secrets.env_value()),
+            ("RUST_LOG", "debug"),
+        ],
     )
     .await;
     let form = Uuid::new_v4();
@@ -287,6 +297,11 @@ async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
         !error.contains("5550100"),
         "a full number in last_error: {error}"
     );
+    let logs = stack.logs();
+    assert!(logs.contains("run is dead"), "the worker's log: {logs}");
+    for full in ["0770 0900", "07700900", "555 555 0100", "5555550100"] {
+        assert!(!logs.contains(full), "{full} in the logs:\n{logs}");
+    }
 }
 
 #[tokio::test]
@@ -413,7 +428,10 @@ async fn a_run_dead_after_a_lost_reply_says_the_text_may_have_been_delivered() {
     let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
     let mut stack = Stack::start(
         &[("sms", "sms")],
-        &[("DAISY_SECRETS_DIR", secrets.env_value())],
+        &[
+            ("DAISY_SECRETS_DIR", secrets.env_value()),
+            ("RUST_LOG", "debug"),
+        ],
     )
     .await;
     let form = Uuid::new_v4();
@@ -445,6 +463,15 @@ async fn a_run_dead_after_a_lost_reply_says_the_text_may_have_been_delivered() {
     assert!(
         !error.contains("7700900125"),
         "a full number in last_error: {error}"
+    );
+    let logs = stack.logs();
+    assert!(
+        logs.contains("may have been delivered"),
+        "the worker's log: {logs}"
+    );
+    assert!(
+        !logs.contains("7700900125"),
+        "a full number in the logs:\n{logs}"
     );
     assert_eq!(
         gateway.sent.lock().expect("lock").len(),

@@ -16,7 +16,7 @@ use proto::{
         post_sub_proxy_server::PostSubProxy,
     },
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
 pub use self::limits::Limits;
@@ -131,10 +131,9 @@ fn registry_status(err: impl std::ops::Deref<Target = RegistryError>) -> Status 
     }
 }
 
-#[tonic::async_trait]
-impl PostSubProxy for Service {
-    #[tracing::instrument(name = "process", skip_all, fields(form.id, submission.id))]
-    async fn process(
+impl Service {
+    /// `Process`, without the metrics around it.
+    async fn process_call(
         &self,
         request: Request<ProcessRequest>,
     ) -> Result<Response<ProcessResponse>, Status> {
@@ -281,6 +280,48 @@ impl PostSubProxy for Service {
             "processed"
         );
         Ok(Response::new(ProcessResponse { results, enqueued }))
+    }
+}
+
+/// A gRPC code's canonical name, as a metrics label.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[tonic::async_trait]
+impl PostSubProxy for Service {
+    #[tracing::instrument(name = "process", skip_all, fields(form.id, submission.id))]
+    async fn process(
+        &self,
+        request: Request<ProcessRequest>,
+    ) -> Result<Response<ProcessResponse>, Status> {
+        let started = std::time::Instant::now();
+        let answer = self.process_call(request).await;
+        if crate::metrics::enabled() {
+            let code = code_name(answer.as_ref().map_or_else(Status::code, |_| Code::Ok));
+            ::metrics::counter!(crate::metrics::PROCESS_CALLS, "code" => code).increment(1);
+            ::metrics::histogram!(crate::metrics::PROCESS_DURATION, "code" => code)
+                .record(started.elapsed());
+        }
+        answer
     }
 
     #[tracing::instrument(name = "get_runs", skip_all, fields(submission.id))]

@@ -9,9 +9,11 @@ mod rate;
 mod retention;
 mod runs;
 mod schema;
+mod stats;
 
 pub use keys::{NewKey, StoredKey};
 pub use rate::Pace;
+pub use stats::RunStats;
 
 pub use runs::{
     Acceptance, Accepted, Attempt, ClaimRequest, Claimed, DeadLetter, Finish, Replay, Run,
@@ -217,7 +219,13 @@ impl Registry {
     pub(crate) fn conn(
         &self,
     ) -> Result<PooledConnection<ConnectionManager<PgConnection>>, RegistryError> {
-        self.pool.get().map_err(RegistryError::Unavailable)
+        let started = std::time::Instant::now();
+        let conn = self.pool.get();
+        ::metrics::histogram!(crate::metrics::DB_POOL_WAIT).record(started.elapsed());
+        conn.map_err(|err| {
+            ::metrics::counter!(crate::metrics::DB_POOL_TIMEOUTS).increment(1);
+            RegistryError::Unavailable(err)
+        })
     }
 
     /// Runs the embedded migrations; returns the versions it applied.

@@ -12,6 +12,7 @@ mod faults;
 mod fuzz;
 mod hosts;
 mod hot_reload;
+mod ops;
 mod process;
 mod quotas;
 mod security;

@@ -162,6 +162,7 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
         stale_after: Duration::from_secs(900),
         sync_run_log: proxy::SyncRunLog::All,
         retain: None,
+        http_addr: None,
         security: proxy::security::Security::default(),
     }
 }

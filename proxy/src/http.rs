@@ -1,0 +1,76 @@
+//! The operations listener (`--http-addr`) of `daisy serve` and `daisy
+//! worker`: `/metrics` (Prometheus), `/healthz` (the process is up) and
+//! `/readyz` (it can do its work: the database answers, the broker is
+//! connected).
+//!
+//! Off unless asked for, and loopback only: it has no TLS or
+//! authentication of its own, so an address beyond loopback is refused.
+
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+
+/// A readiness check: `Err` says what is not ready.
+pub type Check =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct Ops {
+    ready: Check,
+}
+
+/// Binds the listener, refusing addresses beyond loopback.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "--http-addr {addr} is beyond loopback, and the operations listener has no TLS or authentication: bind it to 127.0.0.1 or [::1] (put a TLS-terminating proxy in front to reach it from elsewhere)"
+    );
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding --http-addr {addr}: {e}"))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until
+/// `shutdown` completes. Installs the metrics recorder.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ready: Check,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    crate::metrics::install()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Ops { ready });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "operations listener up: /metrics, /healthz, /readyz");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn metrics() -> impl IntoResponse {
+    let body = crate::metrics::install()
+        .map(|handle| handle.render())
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
+    match (ops.ready)().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
