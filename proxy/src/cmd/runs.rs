@@ -1,8 +1,12 @@
 //! `daisy runs`: list, show (through a running server), prune and retry runs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use proto::{
+    json::value_to_json,
+    v1::{GetRunsRequest, RunState as PbRunState, post_sub_proxy_client::PostSubProxyClient},
+};
 use proxy::registry::Registry;
 
 use crate::cli::RunsCommand;
@@ -43,7 +47,7 @@ pub(crate) fn run(command: RunsCommand) -> anyhow::Result<()> {
             wait,
         } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            let runs = runtime.block_on(proxy::grpc::call_get_runs(
+            let runs = runtime.block_on(call_get_runs(
                 &server,
                 &submission.to_string(),
                 wait.map(Duration::from_secs),
@@ -79,5 +83,52 @@ pub(crate) fn run(command: RunsCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Calls `GetRuns` on the server at `addr` and returns the runs as JSON;
+/// with `wait`, polls until no run is queued, running or retrying (or the
+/// wait is over).
+async fn call_get_runs(
+    addr: &str,
+    submission_id: &str,
+    wait: Option<Duration>,
+) -> anyhow::Result<serde_json::Value> {
+    let mut client = PostSubProxyClient::connect(addr.to_owned())
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        let runs = client
+            .get_runs(GetRunsRequest {
+                submission_id: submission_id.to_owned(),
+            })
+            .await
+            .map_err(|status| {
+                anyhow::anyhow!("GetRuns failed: {:?}: {}", status.code(), status.message())
+            })?
+            .into_inner()
+            .runs;
+        let settled = runs
+            .iter()
+            .all(|r| matches!(r.state(), PbRunState::Succeeded | PbRunState::Dead));
+        if settled || deadline.is_none_or(|d| Instant::now() >= d) {
+            return Ok(serde_json::Value::Array(
+                runs.iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "run_id": r.run_id,
+                            "name": r.name,
+                            "is_async": r.is_async,
+                            "state": r.state().as_str_name(),
+                            "attempts": r.attempts,
+                            "last_error": r.last_error,
+                            "output": r.output.as_ref().map_or(serde_json::Value::Null, value_to_json),
+                        })
+                    })
+                    .collect(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -7,14 +7,10 @@ use std::{sync::Arc, time::Instant};
 
 use chrono::Utc;
 pub use proto::json::{json_to_value, struct_to_json, value_to_json};
-use proto::{
-    json::json_to_struct,
-    prost_types,
-    v1::{
-        Enqueued, GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest,
-        ProcessResponse, Run as PbRun, RunState as PbRunState, SubmissionContext, TaskResult,
-        post_sub_proxy_server::PostSubProxy,
-    },
+use proto::v1::{
+    Enqueued, GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest,
+    ProcessResponse, Run as PbRun, RunState as PbRunState, SubmissionContext, TaskResult,
+    post_sub_proxy_server::PostSubProxy,
 };
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
@@ -368,104 +364,6 @@ impl PostSubProxy for Service {
         Ok(Response::new(GetRunsResponse { runs }))
     }
 }
-/// Calls `Process` on the server at `addr` (`http://host:port`) and returns
-/// the response as JSON, with enum values by name; used by `daisy process`.
-pub async fn call_process(
-    addr: &str,
-    form_id: &str,
-    submission_id: &str,
-    submission: serde_json::Value,
-) -> anyhow::Result<serde_json::Value> {
-    use anyhow::Context;
-    use proto::v1::post_sub_proxy_client::PostSubProxyClient;
-
-    let Some(submission) = json_to_struct(submission) else {
-        anyhow::bail!("the submission must be a JSON object");
-    };
-    let mut client = PostSubProxyClient::connect(addr.to_owned())
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    let response = client
-        .process(ProcessRequest {
-            form_id: form_id.to_owned(),
-            submission_id: submission_id.to_owned(),
-            submission: Some(submission),
-            context: None,
-        })
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!("Process failed: {:?}: {}", status.code(), status.message())
-        })?
-        .into_inner();
-    let output =
-        |v: &Option<prost_types::Value>| v.as_ref().map_or(serde_json::Value::Null, value_to_json);
-    Ok(serde_json::json!({
-        "results": response.results.iter().map(|r| serde_json::json!({
-            "task_id": r.task_id,
-            "name": r.name,
-            "outcome": r.outcome().as_str_name(),
-            "output": output(&r.output),
-            "error": r.error,
-            "duration_us": r.duration_us,
-        })).collect::<Vec<_>>(),
-        "enqueued": response.enqueued.iter().map(|e| serde_json::json!({
-            "task_id": e.task_id,
-            "name": e.name,
-            "run_id": e.run_id,
-        })).collect::<Vec<_>>(),
-    }))
-}
-
-/// Calls `GetRuns` on the server at `addr` and returns the runs as JSON;
-/// with `wait`, polls until no run is queued, running or retrying (or the
-/// wait is over). Used by `daisy runs get`.
-pub async fn call_get_runs(
-    addr: &str,
-    submission_id: &str,
-    wait: Option<std::time::Duration>,
-) -> anyhow::Result<serde_json::Value> {
-    use anyhow::Context;
-    use proto::v1::post_sub_proxy_client::PostSubProxyClient;
-
-    let mut client = PostSubProxyClient::connect(addr.to_owned())
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    let deadline = wait.map(|w| Instant::now() + w);
-    loop {
-        let runs = client
-            .get_runs(GetRunsRequest {
-                submission_id: submission_id.to_owned(),
-            })
-            .await
-            .map_err(|status| {
-                anyhow::anyhow!("GetRuns failed: {:?}: {}", status.code(), status.message())
-            })?
-            .into_inner()
-            .runs;
-        let settled = runs
-            .iter()
-            .all(|r| matches!(r.state(), PbRunState::Succeeded | PbRunState::Dead));
-        if settled || deadline.is_none_or(|d| Instant::now() >= d) {
-            return Ok(serde_json::Value::Array(
-                runs.iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "run_id": r.run_id,
-                            "name": r.name,
-                            "is_async": r.is_async,
-                            "state": r.state().as_str_name(),
-                            "attempts": r.attempts,
-                            "last_error": r.last_error,
-                            "output": r.output.as_ref().map_or(serde_json::Value::Null, value_to_json),
-                        })
-                    })
-                    .collect(),
-            ));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
 /// Puts right the statuses tonic gives before the service sees a request:
 /// a request over `max_decoding_message_size` is `RESOURCE_EXHAUSTED` (not
 /// `OUT_OF_RANGE`), and one protobuf cannot decode (too deeply nested,
