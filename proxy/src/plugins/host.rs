@@ -1,5 +1,7 @@
 //! The plugin host: `daisy plugin-host`, the child process that runs one
 //! library's plugin code so that a crash, hang or leak takes down only it.
+//! This is the code inside that process; Daisy's side of one host (spawning
+//! it, calls, its death) is `plugins::host_process`.
 //!
 //! Daisy starts it with one end of a Unix socket pair as stdin and a
 //! scrubbed environment. It loads the library, says [`Hello`], then a fixed

@@ -4,8 +4,10 @@
 //! A task runs in one of two places:
 //! - **in a plugin host** ([`Isolation::Process`], the default): a child
 //!   process per library build (`daisy plugin-host`), supervised by
-//!   [`supervisor`], spoken to over a socket pair ([`wire`]); its code is
-//!   [`host`]. A crash, hang or leak costs only that library's runs in flight.
+//!   [`supervisor`] (builds, slots, quarantine), each process handled by
+//!   [`host_process`] (spawning, calls, its death) and spoken to over a
+//!   socket pair ([`wire`]); the code inside the process is [`host`]. A
+//!   crash, hang or leak costs only that library's runs in flight.
 //! - **in-process** ([`Isolation::InProcess`], opt-in per task or as the
 //!   default): loaded into this process by [`inproc`] and run on the
 //!   blocking pool; fastest, and trusted with the whole process.
@@ -15,6 +17,7 @@
 
 pub mod files;
 pub mod host;
+mod host_process;
 mod inproc;
 pub mod schema;
 mod secrets;
