@@ -64,13 +64,18 @@ fn try_main() -> anyhow::Result<()> {
         Command::Serve(_) | Command::Worker(_) => "info,tower=warn,h2=warn,amqprs=warn",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        cli::LogFormat::Json => logs.json().init(),
+        // No escape codes in a file or a pipe.
+        cli::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     match cli.command {
         Command::PluginHost { .. } => unreachable!("handled before logging starts"),
         Command::Serve(args) => cmd::serve::run(args),

@@ -206,6 +206,10 @@ pub(crate) struct WorkerArgs {
     /// re-queues a run whose lease expired.
     #[arg(long, env = "DAISY_LEASE_SECS", default_value_t = 30)]
     pub(crate) lease_secs: u64,
+    /// Serve /metrics, /healthz and /readyz here (loopback only); off if
+    /// not given.
+    #[arg(long, env = "DAISY_HTTP_ADDR")]
+    pub(crate) http_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -281,6 +285,10 @@ pub(crate) struct ServeArgs {
     /// shows every run) or `failed` (one row less per successful task run).
     #[arg(long, env = "DAISY_SYNC_RUN_LOG", value_enum, default_value = "all")]
     pub(crate) sync_run_log: proxy::SyncRunLog,
+    /// Serve /metrics, /healthz and /readyz here (loopback only); off if
+    /// not given.
+    #[arg(long, env = "DAISY_HTTP_ADDR")]
+    pub(crate) http_addr: Option<std::net::SocketAddr>,
 }
 
 /// A task's rate limit.

@@ -25,6 +25,25 @@ pub(crate) use self::args::{DbArgs, PluginsArgs, RateArgs, ServeArgs, WorkerArgs
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
+    /// How log lines are written to stderr: `text` (colours only on a
+    /// terminal) or `json` (one object per line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "DAISY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub(crate) log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// For people: colours when stderr is a terminal, none otherwise.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]

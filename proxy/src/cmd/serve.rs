@@ -52,6 +52,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             retain: (args.retain_days > 0)
                 .then(|| Duration::from_secs(args.retain_days.saturating_mul(86_400))),
             security,
+            http_addr: args.http_addr,
         };
         proxy::run(listener, config, shutdown_signal()).await
     })

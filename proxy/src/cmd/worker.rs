@@ -23,6 +23,7 @@ pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
         max_throttled: Duration::from_millis(args.max_throttled_ms),
         max_crashes: args.max_crashes.max(1),
         lease: Duration::from_secs(args.lease_secs.max(1)),
+        http_addr: args.http_addr,
         name: args.name.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!("{}-{}", host.trim(), std::process::id())

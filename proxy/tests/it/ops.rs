@@ -209,6 +209,8 @@ async fn metrics_health_and_readiness_after_real_traffic() {
         at_least(&serve, gauge, &[], 0.0);
     }
     at_least(&serve, "daisy_runs", &[("state", "dead")], 0.0);
+    // echo runs in a plugin host (process isolation, the default).
+    at_least(&serve, "daisy_plugin_hosts", &[], 1.0);
 
     let worker = get(worker_http, "/metrics").await.1;
     at_least(&worker, "daisy_worker_claims_total", &[], 3.0);
@@ -288,6 +290,59 @@ fn the_alerts_and_the_dashboard_name_only_metrics_daisy_exports() {
                 exported.contains(family),
                 "{file} uses {name}, which Daisy does not export"
             );
+        }
+    }
+}
+
+#[test]
+fn logs_to_a_file_have_no_colour_codes_and_json_logs_are_one_object_per_line() {
+    let db = test_support::TestDb::daisy();
+    let plugins = test_support::PluginsDir::new();
+    let logs = tempfile::tempdir().expect("tempdir");
+    for format in ["text", "json"] {
+        let path = logs.path().join(format);
+        let mut serve = std::process::Command::new(test_support::daisy_bin())
+            .args([
+                "serve",
+                "--addr",
+                &free_port().to_string(),
+                "--log-format",
+                format,
+            ])
+            .env("DATABASE_URL", &db.url)
+            .env("DAISY_PLUGINS_DIR", plugins.path())
+            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1")
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&path).expect("log file"))
+            .spawn()
+            .expect("daisy serve");
+        let started = std::time::Instant::now();
+        while !std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains("daisy serving")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "serve never logged"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = serve.kill();
+        let _ = serve.wait();
+        let text = std::fs::read_to_string(&path).expect("log");
+        assert!(
+            !text.contains('\u{1b}'),
+            "colour codes in a log file:\n{text}"
+        );
+        if format == "json" {
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                let object: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(
+                    object["level"].is_string() && object["fields"].is_object(),
+                    "{line}"
+                );
+            }
         }
     }
 }

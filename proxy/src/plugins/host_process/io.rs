@@ -60,6 +60,14 @@ pub(super) async fn read_replies(
     }
     let status = child.wait().await.ok();
     host.dead.store(true, Ordering::Release);
+    ::metrics::gauge!(crate::metrics::HOSTS_ALIVE).decrement(1.0);
+    // Killed by Daisy (retired, recycled, timed out) or died by itself.
+    let counter = if host.killed.load(Ordering::Acquire) {
+        crate::metrics::HOST_RECYCLES
+    } else {
+        crate::metrics::HOST_CRASHES
+    };
+    ::metrics::counter!(counter, "module" => host.module.clone()).increment(1);
     let cause = describe(status);
     let pending: Vec<_> = host
         .pending

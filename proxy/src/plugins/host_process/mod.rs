@@ -184,6 +184,7 @@ impl Host {
             in_a_row,
         });
         tokio::spawn(write_frames(writer, queued));
+        ::metrics::gauge!(crate::metrics::HOSTS_ALIVE).increment(1.0);
         tokio::spawn(read_replies(host.clone(), reader, child));
         tracing::debug!(
             plugin.module = module,

@@ -84,6 +84,7 @@ impl Supervisor {
         if strikes.until.is_some() || stale {
             quarantine.remove(&key);
             self.striking.fetch_sub(1, Ordering::AcqRel);
+            count_quarantined(&quarantine);
             return Standing::Clear;
         }
         if strikes.suspect() {
@@ -148,7 +149,20 @@ impl Supervisor {
                     until: std::time::SystemTime::now() + self.config.quarantine_window,
                 });
             }
+            let suspect = strikes.suspect();
+            count_quarantined(&quarantine);
+            return suspect;
         }
         strikes.suspect()
     }
+}
+
+/// Sets the quarantined-tasks gauge from the records.
+fn count_quarantined<K>(records: &std::collections::HashMap<K, Strikes>) {
+    let now = Instant::now();
+    let quarantined = records
+        .values()
+        .filter(|s| s.until.is_some_and(|u| u > now))
+        .count();
+    ::metrics::gauge!(crate::metrics::QUARANTINED).set(quarantined as f64);
 }
