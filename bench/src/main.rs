@@ -560,6 +560,23 @@ async fn scenarios(
         let s6_inproc = load(inproc_addr, 1, duration, one).await?;
         drop(inproc);
         env.settle().await?;
+        // Scenario 2 with metrics on (the operations listener installs the
+        // recorder), right after it without, to compare like with like.
+        let (off_addr, on_addr, ops_addr) = (free_port()?, free_port()?, free_port()?);
+        let off = env.daisy(&["serve", "--addr", &off_addr.to_string()])?;
+        let s2_off = load(off_addr, 32, duration, one).await?;
+        drop(off);
+        env.settle().await?;
+        let on = env.daisy(&[
+            "serve",
+            "--addr",
+            &on_addr.to_string(),
+            "--http-addr",
+            &ops_addr.to_string(),
+        ])?;
+        let s2_metrics = load(on_addr, 32, duration, one).await?;
+        drop(on);
+        env.settle().await?;
         // An idle plugin host: serve's echo host, a second after its last call.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let host_rss = serve.children_rss_kib().into_iter().max();
@@ -599,6 +616,8 @@ async fn scenarios(
             ("6: one sync echo, c=1", "s6_one_sync_c1", &s6),
             ("2, in-process", "s2_one_sync_c32_in_process", &s2_inproc),
             ("6, in-process", "s6_one_sync_c1_in_process", &s6_inproc),
+            ("2, metrics off (fresh serve)", "s2_metrics_off", &s2_off),
+            ("2, metrics on (--http-addr)", "s2_metrics_on", &s2_metrics),
         ] {
             rows.push((name.into(), line(l)));
             report.insert(key.into(), l.json());
@@ -626,6 +645,12 @@ async fn scenarios(
         targets.push((
             "2 vs bare throughput, process isolation (target >= 50%; 60% in #13)".into(),
             format!("{:>9.0}%", 100.0 * s2_vs_bare),
+        ));
+        let metrics_cost = 1.0 - s2_metrics.throughput() / s2_off.throughput();
+        ratios.insert("s2_metrics_cost".into(), json!(metrics_cost));
+        targets.push((
+            "2, metrics on vs off (target within 3%)".into(),
+            format!("{:>9.1}%", -100.0 * metrics_cost),
         ));
         targets.push((
             "2 vs bare throughput, in-process".into(),

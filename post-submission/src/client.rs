@@ -240,8 +240,21 @@ impl DaisyClient {
                 .metadata_mut()
                 .insert("authorization", authorization.clone());
         }
+        // The call is a span of the backend's trace, and Daisy continues it
+        // from the W3C `traceparent` (when the backend exports traces).
+        let span = tracing::info_span!(
+            "daisy.process",
+            form.id = %stored.form_id,
+            submission.id = %stored.submission_id,
+        );
+        opentelemetry::propagation::TextMapPropagator::inject_context(
+            &opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+            &tracing_opentelemetry::OpenTelemetrySpanExt::context(&span),
+            &mut MetadataInjector(request.metadata_mut()),
+        );
         let mut client = self.client.clone();
-        let response = match tokio::time::timeout(deadline, client.process(request)).await {
+        let call = tracing::Instrument::instrument(client.process(request), span);
+        let response = match tokio::time::timeout(deadline, call).await {
             Err(_) => return Err(DaisyError::Deadline(deadline)),
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
                 return Err(DaisyError::Deadline(deadline));
@@ -278,5 +291,19 @@ impl DaisyClient {
                 "run_id": e.run_id,
             })).collect::<Vec<_>>(),
         }))
+    }
+}
+
+/// Writes trace context fields into gRPC metadata.
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
     }
 }

@@ -30,6 +30,7 @@ pub mod registry;
 pub mod scaffold;
 pub mod security;
 pub mod server;
+pub mod trace;
 pub mod worker;
 
 use std::path::PathBuf;

@@ -9,6 +9,7 @@ mod cli;
 mod cmd;
 
 use clap::Parser;
+use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::cli::{Cli, Command};
 
@@ -66,17 +67,35 @@ fn try_main() -> anyhow::Result<()> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| default_filter.into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        cli::LogFormat::Json => logs.json().init(),
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match cli.log_format {
+        cli::LogFormat::Json => logs.json().boxed(),
         // No escape codes in a file or a pipe.
         cli::LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
-    match cli.command {
+            .boxed(),
+    };
+    let service = match cli.command {
+        Command::Serve(_) => Some("daisy-serve"),
+        Command::Worker(_) => Some("daisy-worker"),
+        _ => None,
+    };
+    let traces = match (&cli.otlp_endpoint, service) {
+        (Some(endpoint), Some(service)) => Some(proxy::trace::otlp_layer(endpoint, service)?),
+        _ => None,
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
+        .init();
+    let done = run(cli.command);
+    proxy::trace::shutdown();
+    done
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::PluginHost { .. } => unreachable!("handled before logging starts"),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Worker(args) => cmd::worker::run(args),

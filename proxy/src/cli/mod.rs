@@ -35,6 +35,10 @@ pub(crate) struct Cli {
         default_value = "text"
     )]
     pub(crate) log_format: LogFormat,
+    /// serve, worker: export trace spans to this OTLP/gRPC collector
+    /// (`http://127.0.0.1:4317`); none are exported without it.
+    #[arg(long, global = true, env = "DAISY_OTLP_ENDPOINT")]
+    pub(crate) otlp_endpoint: Option<String>,
 }
 
 /// How log lines are written.

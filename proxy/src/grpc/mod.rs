@@ -304,13 +304,25 @@ fn code_name(code: Code) -> &'static str {
 
 #[tonic::async_trait]
 impl PostSubProxy for Service {
-    #[tracing::instrument(name = "process", skip_all, fields(form.id, submission.id))]
     async fn process(
         &self,
         request: Request<ProcessRequest>,
     ) -> Result<Response<ProcessResponse>, Status> {
         let started = std::time::Instant::now();
-        let answer = self.process_call(request).await;
+        let span = tracing::info_span!(
+            "process",
+            form.id = tracing::field::Empty,
+            submission.id = tracing::field::Empty,
+        );
+        // The caller's trace goes on (its parent is set before it starts).
+        if let Some(traceparent) = request
+            .metadata()
+            .get(crate::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+        {
+            crate::trace::continue_trace(&span, traceparent);
+        }
+        let answer = tracing::Instrument::instrument(self.process_call(request), span).await;
         if crate::metrics::enabled() {
             let code = code_name(answer.as_ref().map_or_else(Status::code, |_| Code::Ok));
             ::metrics::counter!(crate::metrics::PROCESS_CALLS, "code" => code).increment(1);
