@@ -1,0 +1,123 @@
+//! Runs on one table, `task_runs` (with `submissions` and
+//! `task_run_attempts`), split by the actor that queries them:
+//!
+//! - [`outbox`]: accepting submissions and publishing their runs (the
+//!   accepting proxy and the relay);
+//! - [`execution`]: claiming, leasing and finishing runs (the workers);
+//! - [`log`]: recording finished synchronous runs (the run log);
+//! - [`read`]: listing runs and attempts, retrying dead runs (`GetRuns`, the CLI).
+//!
+//! This module holds what they share: the row and its state.
+
+mod execution;
+mod log;
+mod outbox;
+mod read;
+
+pub use execution::{ClaimRequest, Claimed, DeadLetter, Finish};
+pub use log::SyncRun;
+pub use outbox::{Acceptance, Accepted, Replay};
+pub use read::Attempt;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::schema::task_runs;
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker is running it.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Failed retryably; runs again at `next_attempt_at`.
+    Retrying,
+    /// Failed for good (permanent error, attempts or deliveries exhausted).
+    Dead,
+}
+
+impl RunState {
+    /// The value stored in `task_runs.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Retrying => "retrying",
+            RunState::Dead => "dead",
+        }
+    }
+}
+
+impl std::str::FromStr for RunState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "queued" => RunState::Queued,
+            "running" => RunState::Running,
+            "succeeded" => RunState::Succeeded,
+            "retrying" => RunState::Retrying,
+            "dead" => RunState::Dead,
+            other => {
+                return Err(format!(
+                    "unknown run state '{other}' (queued, running, succeeded, retrying, dead)"
+                ));
+            }
+        })
+    }
+}
+
+/// A row of `task_runs`.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = task_runs, check_for_backend(diesel::pg::Pg))]
+pub struct Run {
+    /// The run's id.
+    pub id: Uuid,
+    /// The submission it runs on.
+    pub submission_id: Uuid,
+    /// The submission's form.
+    pub form_id: Uuid,
+    /// The task it runs.
+    pub task_id: Uuid,
+    /// The task's name when the run was created.
+    pub task_name: String,
+    /// Asynchronous (worker) or synchronous (inside `Process`).
+    pub is_async: bool,
+    /// See [`RunState`]; stored as text.
+    pub state: String,
+    /// Executions started so far.
+    pub attempts: i32,
+    /// Executions allowed.
+    pub max_attempts: i32,
+    /// Why the last execution failed.
+    pub last_error: Option<String>,
+    /// What the task returned.
+    pub output: Option<serde_json::Value>,
+    /// When it may next be published.
+    pub next_attempt_at: DateTime<Utc>,
+    /// When the broker confirmed it for the current attempt.
+    pub published_at: Option<DateTime<Utc>>,
+    /// When the last execution started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished (succeeded or dead).
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Run {
+    /// The parsed state.
+    pub fn state(&self) -> RunState {
+        self.state.parse().unwrap_or(RunState::Dead)
+    }
+}
+
+/// The states in which a run waits to be published.
+const PENDING: [&str; 2] = ["queued", "retrying"];

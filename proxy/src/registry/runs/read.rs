@@ -1,0 +1,94 @@
+//! The read side: runs and their attempts for `GetRuns` and the CLI, and
+//! retrying dead runs.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::{Run, RunState};
+use crate::{
+    error::RegistryError,
+    registry::{
+        Registry,
+        schema::{task_run_attempts, task_runs},
+    },
+};
+
+/// One execution of a run: (attempt, started, finished, outcome).
+pub type Attempt = (i32, DateTime<Utc>, DateTime<Utc>, String);
+
+impl Registry {
+    /// Every run of a submission, in creation order.
+    pub fn runs_for_submission(&self, submission: Uuid) -> Result<Vec<Run>, RegistryError> {
+        let mut conn = self.conn()?;
+        Ok(task_runs::table
+            .filter(task_runs::submission_id.eq(submission))
+            .order((task_runs::created_at, task_runs::id))
+            .select(Run::as_select())
+            .load(&mut conn)?)
+    }
+
+    /// Runs, newest first, filtered by state and form.
+    pub fn list_runs(
+        &self,
+        state: Option<RunState>,
+        form: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Run>, RegistryError> {
+        let mut conn = self.conn()?;
+        let mut query = task_runs::table
+            .order((task_runs::created_at.desc(), task_runs::id))
+            .limit(limit)
+            .select(Run::as_select())
+            .into_boxed();
+        if let Some(state) = state {
+            query = query.filter(task_runs::state.eq(state.as_str()));
+        }
+        if let Some(form) = form {
+            query = query.filter(task_runs::form_id.eq(form));
+        }
+        Ok(query.load(&mut conn)?)
+    }
+
+    /// Re-queues dead asynchronous runs (one, or all) with a fresh set of
+    /// attempts; returns the ids re-queued.
+    pub fn retry_dead(&self, run: Option<Uuid>) -> Result<Vec<Uuid>, RegistryError> {
+        let mut conn = self.conn()?;
+        let mut target = task_runs::table
+            .filter(task_runs::state.eq("dead"))
+            .filter(task_runs::is_async.eq(true))
+            .into_boxed();
+        if let Some(run) = run {
+            target = target.filter(task_runs::id.eq(run));
+        }
+        let ids: Vec<Uuid> = target.select(task_runs::id).load(&mut conn)?;
+        diesel::update(task_runs::table.filter(task_runs::id.eq_any(&ids)))
+            .set((
+                task_runs::state.eq("queued"),
+                task_runs::attempts.eq(0),
+                task_runs::throttled_ms.eq(0),
+                task_runs::slot_at.eq(None::<DateTime<Utc>>),
+                task_runs::next_attempt_at.eq(diesel::dsl::now),
+                task_runs::published_at.eq(None::<DateTime<Utc>>),
+                task_runs::finished_at.eq(None::<DateTime<Utc>>),
+                task_runs::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(&mut conn)?;
+        Ok(ids)
+    }
+
+    /// The executions of a run, in order.
+    pub fn attempts(&self, run: Uuid) -> Result<Vec<Attempt>, RegistryError> {
+        let mut conn = self.conn()?;
+        Ok(task_run_attempts::table
+            .filter(task_run_attempts::run_id.eq(run))
+            .order((task_run_attempts::started_at, task_run_attempts::attempt))
+            .select((
+                task_run_attempts::attempt,
+                task_run_attempts::started_at,
+                task_run_attempts::finished_at,
+                task_run_attempts::outcome,
+            ))
+            .load(&mut conn)?)
+    }
+}
