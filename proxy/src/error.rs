@@ -14,10 +14,35 @@ pub enum RegistryError {
     Connect(#[source] diesel::ConnectionError),
     /// A query failed.
     #[error("task registry query failed")]
-    Query(#[from] diesel::result::Error),
+    Query(#[source] diesel::result::Error),
     /// Running the migrations failed.
     #[error("running migrations: {0}")]
     Migration(String),
+    /// `task_runs.state` holds a value this build does not know (a newer
+    /// build wrote it, or someone edited the table).
+    #[error(
+        "reading task_runs: unknown run state '{0}' (expected queued, running, succeeded, retrying or dead)"
+    )]
+    UnknownRunState(String),
+}
+
+impl From<diesel::result::Error> for RegistryError {
+    /// An unknown run state reaches us as a diesel deserialization error
+    /// holding a `RegistryError` (see `RunState`'s `FromSql`), wrapped in
+    /// the field's error when it was read as a column: unwrap it, so that it
+    /// names the value rather than reading as a failed query.
+    fn from(err: diesel::result::Error) -> Self {
+        use diesel::result::{DeserializeFieldError, Error};
+        if let Error::DeserializationError(inner) = &err {
+            let inner = inner
+                .downcast_ref::<DeserializeFieldError>()
+                .map_or(&**inner, |field| &*field.error);
+            if let Some(RegistryError::UnknownRunState(value)) = inner.downcast_ref() {
+                return RegistryError::UnknownRunState(value.clone());
+            }
+        }
+        RegistryError::Query(err)
+    }
 }
 
 impl RegistryError {
@@ -38,7 +63,7 @@ impl RegistryError {
                         _,
                     )
             ),
-            RegistryError::Migration(_) => false,
+            RegistryError::Migration(_) | RegistryError::UnknownRunState(_) => false,
         }
     }
 }

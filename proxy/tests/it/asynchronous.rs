@@ -985,7 +985,7 @@ async fn claims_and_outcomes_are_stored_in_batches_with_one_answer_per_delivery(
         assert_eq!(found.len(), 1);
         let run = found.pop().expect("one run");
         assert_eq!(run.id, runs[i]);
-        (run.state, run.output, run.last_error)
+        (run.state.to_string(), run.output, run.last_error)
     };
     assert_eq!(
         state(0),

@@ -592,3 +592,35 @@ async fn a_run_longer_than_the_stale_time_is_not_requeued_while_it_executes() {
         "the run executed more than once"
     );
 }
+
+#[test]
+fn a_run_state_this_build_does_not_know_is_an_error_naming_it() {
+    let db = TestDb::new();
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "later", "config", json!({}), 5));
+    let registry = db.registry();
+    let submission = Uuid::new_v4();
+    registry
+        .accept(
+            &[Acceptance {
+                form,
+                submission,
+                payload: json!({}),
+                context: None,
+                tasks: vec![task],
+            }],
+            Duration::ZERO,
+        )
+        .expect("accepted");
+    // As a newer build's migration would allow it.
+    db.execute("ALTER TABLE task_runs DROP CONSTRAINT task_runs_state_check");
+    db.execute("UPDATE task_runs SET state = 'paused'");
+    let err = registry
+        .runs_for_submission(submission)
+        .expect_err("an unknown state is not read as another");
+    assert!(
+        matches!(&err, proxy::error::RegistryError::UnknownRunState(state) if state == "paused"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("'paused'"), "{err}");
+}

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::PENDING;
+use super::{PENDING, RunState};
 use crate::{
     error::RegistryError,
     registry::{Registry, schema::task_runs},
@@ -195,7 +195,7 @@ impl Registry {
         let mut conn = self.conn()?;
         let lease: Option<Option<DateTime<Utc>>> = task_runs::table
             .find(run)
-            .filter(task_runs::state.eq("running"))
+            .filter(task_runs::state.eq(RunState::Running))
             .select(task_runs::lease_until)
             .first(&mut conn)
             .optional()?;
@@ -262,14 +262,18 @@ impl Registry {
             attempts.push(claimed.attempt);
             started.push(claimed.started_at);
             let (kind, output, error, at) = match finish {
-                Finish::Succeeded(output) => ("succeeded", Some(output), None, None),
+                Finish::Succeeded(output) => {
+                    (RunState::Succeeded.as_str(), Some(output), None, None)
+                }
                 Finish::Retry { error, after } => (
-                    "retrying",
+                    RunState::Retrying.as_str(),
                     None,
                     Some(error.as_str()),
                     Some(after_now(after)),
                 ),
-                Finish::Dead { error } => ("dead", None, Some(error.as_str()), None),
+                Finish::Dead { error } => {
+                    (RunState::Dead.as_str(), None, Some(error.as_str()), None)
+                }
                 Finish::Throttled { error, after } => (
                     "throttled",
                     None,
@@ -338,10 +342,10 @@ impl Registry {
         let killed = diesel::update(
             task_runs::table
                 .find(run)
-                .filter(task_runs::state.eq("running")),
+                .filter(task_runs::state.eq(RunState::Running)),
         )
         .set((
-            task_runs::state.eq("dead"),
+            task_runs::state.eq(RunState::Dead),
             task_runs::last_error.eq(reason),
             task_runs::finished_at.eq(diesel::dsl::now),
             task_runs::updated_at.eq(diesel::dsl::now),

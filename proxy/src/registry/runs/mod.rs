@@ -20,13 +20,23 @@ pub use outbox::{Acceptance, Accepted, Replay};
 pub use read::Attempt;
 
 use chrono::{DateTime, Utc};
-use diesel::prelude::*;
+use diesel::{
+    deserialize::{self, FromSql, FromSqlRow},
+    expression::AsExpression,
+    pg::{Pg, PgValue},
+    prelude::*,
+    serialize::{self, Output, ToSql},
+    sql_types::Text,
+};
 use uuid::Uuid;
 
 use super::schema::task_runs;
+use crate::error::RegistryError;
 
-/// Where a run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a run is in its life: `task_runs.state`, a `text` column holding
+/// [`RunState::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, AsExpression, FromSqlRow)]
+#[diesel(sql_type = Text)]
 pub enum RunState {
     /// Accepted, waiting for a worker.
     Queued,
@@ -72,6 +82,38 @@ impl std::str::FromStr for RunState {
     }
 }
 
+/// The stored text; padding works, for tables.
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Compares with the stored text.
+impl PartialEq<&str> for RunState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl ToSql<Text, Pg> for RunState {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        <str as ToSql<Text, Pg>>::to_sql(self.as_str(), out)
+    }
+}
+
+/// A state this build does not know is an error naming it, never a guess:
+/// it comes out of diesel as a deserialization error holding a
+/// [`RegistryError::UnknownRunState`], which `RegistryError`'s `From`
+/// unwraps.
+impl FromSql<Text, Pg> for RunState {
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        let text = <String as FromSql<Text, Pg>>::from_sql(value)?;
+        text.parse()
+            .map_err(|_| RegistryError::UnknownRunState(text).into())
+    }
+}
+
 /// A row of `task_runs`.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = task_runs, check_for_backend(diesel::pg::Pg))]
@@ -88,8 +130,8 @@ pub struct Run {
     pub task_name: String,
     /// Asynchronous (worker) or synchronous (inside `Process`).
     pub is_async: bool,
-    /// See [`RunState`]; stored as text.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: RunState,
     /// Executions started so far.
     pub attempts: i32,
     /// Executions allowed.
@@ -113,11 +155,12 @@ pub struct Run {
 }
 
 impl Run {
-    /// The parsed state.
+    /// Its state (reading a row with a state this build does not know
+    /// already failed with [`RegistryError::UnknownRunState`]).
     pub fn state(&self) -> RunState {
-        self.state.parse().unwrap_or(RunState::Dead)
+        self.state
     }
 }
 
 /// The states in which a run waits to be published.
-const PENDING: [&str; 2] = ["queued", "retrying"];
+const PENDING: [RunState; 2] = [RunState::Queued, RunState::Retrying];

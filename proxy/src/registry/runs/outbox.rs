@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::PENDING;
+use super::{PENDING, RunState};
 use crate::{
     error::RegistryError,
     registry::{
@@ -50,6 +50,26 @@ pub struct Acceptance {
     pub tasks: Vec<TaskDef>,
 }
 
+/// A stored submission, as a replay is checked against it.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = submissions, check_for_backend(diesel::pg::Pg))]
+struct StoredSubmission {
+    id: Uuid,
+    form_id: Uuid,
+    payload: serde_json::Value,
+}
+
+/// A run [`Registry::accept`] created or found.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = task_runs, check_for_backend(diesel::pg::Pg))]
+struct FoundRun {
+    submission_id: Uuid,
+    id: Uuid,
+    task_id: Uuid,
+    published_at: Option<DateTime<Utc>>,
+    state: RunState,
+}
+
 impl Registry {
     /// Stores each submission and one queued run per asynchronous task, all
     /// in one transaction (group commit across concurrent `Process` calls).
@@ -81,8 +101,7 @@ impl Registry {
             })
             .collect();
         let ids: Vec<Uuid> = subs.iter().map(|r| r.submission).collect();
-        type Found = (Uuid, Uuid, Uuid, Option<DateTime<Utc>>, String);
-        let (conflicts, found): (Vec<Option<Replay>>, Vec<Found>) = conn.transaction(|conn| {
+        let (conflicts, found): (Vec<Option<Replay>>, Vec<FoundRun>) = conn.transaction(|conn| {
             let inserted: Vec<Uuid> = diesel::insert_into(submissions::table)
                 .values(&submission_rows)
                 .on_conflict_do_nothing()
@@ -114,10 +133,10 @@ impl Registry {
             if !replayed.is_empty() {
                 let stored: HashMap<Uuid, (Uuid, serde_json::Value)> = submissions::table
                     .filter(submissions::id.eq_any(&replayed))
-                    .select((submissions::id, submissions::form_id, submissions::payload))
-                    .load::<(Uuid, Uuid, serde_json::Value)>(conn)?
+                    .select(StoredSubmission::as_select())
+                    .load(conn)?
                     .into_iter()
-                    .map(|(id, form, payload)| (id, (form, payload)))
+                    .map(|s| (s.id, (s.form_id, s.payload)))
                     .collect();
                 for (i, request) in requests.iter().enumerate() {
                     let Some((form, payload)) = stored.get(&request.submission) else {
@@ -152,7 +171,7 @@ impl Registry {
                             task_runs::task_id.eq(t.id),
                             task_runs::task_name.eq(t.name.clone()),
                             task_runs::is_async.eq(true),
-                            task_runs::state.eq("queued"),
+                            task_runs::state.eq(RunState::Queued),
                             task_runs::max_attempts.eq(t.max_attempts),
                             task_runs::next_attempt_at.eq(due),
                         ),
@@ -170,13 +189,7 @@ impl Registry {
             let found = task_runs::table
                 .filter(task_runs::submission_id.eq_any(&ids))
                 .filter(task_runs::is_async.eq(true))
-                .select((
-                    task_runs::submission_id,
-                    task_runs::id,
-                    task_runs::task_id,
-                    task_runs::published_at,
-                    task_runs::state,
-                ))
+                .select(FoundRun::as_select())
                 .load(conn)?;
             Ok::<_, diesel::result::Error>((conflicts, found))
         })?;
@@ -189,13 +202,14 @@ impl Registry {
                 }
                 Ok(found
                     .iter()
-                    .filter(|(sub, _, task, _, _)| {
-                        *sub == r.submission && r.tasks.iter().any(|t| t.id == *task)
+                    .filter(|run| {
+                        run.submission_id == r.submission
+                            && r.tasks.iter().any(|t| t.id == run.task_id)
                     })
-                    .map(|(_, run_id, task_id, published, state)| Accepted {
-                        run_id: *run_id,
-                        task_id: *task_id,
-                        unpublished: published.is_none() && PENDING.contains(&state.as_str()),
+                    .map(|run| Accepted {
+                        run_id: run.id,
+                        task_id: run.task_id,
+                        unpublished: run.published_at.is_none() && PENDING.contains(&run.state),
                     })
                     .collect())
             })
@@ -211,7 +225,7 @@ impl Registry {
             task_runs::table
                 .filter(task_runs::id.eq_any(runs))
                 .filter(task_runs::published_at.is_null())
-                .filter(task_runs::state.eq("queued"))
+                .filter(task_runs::state.eq(RunState::Queued))
                 .filter(task_runs::attempts.eq(0)),
         )
         .set(task_runs::published_at.eq(diesel::dsl::now))
@@ -276,7 +290,7 @@ impl Registry {
         let orphaned = diesel::update(
             task_runs::table
                 .filter(task_runs::is_async.eq(true))
-                .filter(task_runs::state.eq("running"))
+                .filter(task_runs::state.eq(RunState::Running))
                 .filter(
                     task_runs::lease_until
                         .lt(diesel::dsl::now)
@@ -286,7 +300,7 @@ impl Registry {
                 ),
         )
         .set((
-            task_runs::state.eq("retrying"),
+            task_runs::state.eq(RunState::Retrying),
             task_runs::last_error.eq("no result from the worker that claimed it; re-queued"),
             task_runs::published_at.eq(None::<DateTime<Utc>>),
             task_runs::next_attempt_at.eq(diesel::dsl::now),

@@ -42,7 +42,7 @@ impl Registry {
             .select(Run::as_select())
             .into_boxed();
         if let Some(state) = state {
-            query = query.filter(task_runs::state.eq(state.as_str()));
+            query = query.filter(task_runs::state.eq(state));
         }
         if let Some(form) = form {
             query = query.filter(task_runs::form_id.eq(form));
@@ -55,7 +55,7 @@ impl Registry {
     pub fn retry_dead(&self, run: Option<Uuid>) -> Result<Vec<Uuid>, RegistryError> {
         let mut conn = self.conn()?;
         let mut target = task_runs::table
-            .filter(task_runs::state.eq("dead"))
+            .filter(task_runs::state.eq(RunState::Dead))
             .filter(task_runs::is_async.eq(true))
             .into_boxed();
         if let Some(run) = run {
@@ -64,7 +64,7 @@ impl Registry {
         let ids: Vec<Uuid> = target.select(task_runs::id).load(&mut conn)?;
         diesel::update(task_runs::table.filter(task_runs::id.eq_any(&ids)))
             .set((
-                task_runs::state.eq("queued"),
+                task_runs::state.eq(RunState::Queued),
                 task_runs::attempts.eq(0),
                 task_runs::throttled_ms.eq(0),
                 task_runs::slot_at.eq(None::<DateTime<Utc>>),
