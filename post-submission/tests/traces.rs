@@ -20,7 +20,7 @@ use opentelemetry_proto::tonic::{
 use post_submission::{DaisyClient, Stored};
 use serde_json::json;
 use test_support::{Daisy, PluginsDir, TestDb, TestQueue, free_port};
-use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
 use uuid::Uuid;
 
 /// A span as the collector received it.
@@ -112,8 +112,15 @@ async fn one_trace_runs_from_the_backend_through_serve_to_the_worker() {
                 .build(),
         )
         .build();
+    // Only the backend's own spans (not h2's, nor the exporter's).
+    let backend_only = tracing_subscriber::filter::Targets::new()
+        .with_target("post_submission", tracing::Level::INFO);
     tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("collect")))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("collect"))
+                .with_filter(backend_only),
+        )
         .init();
 
     // Daisy: serve and a worker, both exporting to the collector, quickly.

@@ -84,10 +84,16 @@ fn try_main() -> anyhow::Result<()> {
         (Some(endpoint), Some(service)) => Some(proxy::trace::otlp_layer(endpoint, service)?),
         _ => None,
     };
+    // RUST_LOG picks the log lines; the exported spans are Daisy's own,
+    // whatever it says.
     tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
-        .with(traces)
+        .with(logs.with_filter(filter))
+        .with(traces.map(|layer| {
+            layer.with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("proxy", tracing::Level::INFO),
+            )
+        }))
         .init();
     let done = run(cli.command);
     proxy::trace::shutdown();

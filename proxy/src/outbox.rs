@@ -18,12 +18,11 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use uuid::Uuid;
 
 use crate::{
     batch::Batcher,
     error::RegistryError,
-    queue::{Backoff, Publisher},
+    queue::{Backoff, Outgoing, Publisher},
     registry::{Acceptance, Accepted, Registry, Replay, SyncRun},
 };
 
@@ -97,7 +96,7 @@ fn accept_split(
 pub struct Outbox {
     registry: Registry,
     publisher: Arc<Publisher>,
-    fresh: mpsc::Sender<Uuid>,
+    fresh: mpsc::Sender<Outgoing>,
 }
 
 impl Outbox {
@@ -116,7 +115,7 @@ impl Outbox {
     /// Publishes freshly accepted runs in the background, batched with those
     /// of concurrent calls; the relay covers any that are not confirmed (or
     /// that find the backlog full).
-    pub fn publish_soon(&self, runs: Vec<Uuid>) {
+    pub fn publish_soon(&self, runs: Vec<Outgoing>) {
         for run in runs {
             if self.fresh.try_send(run).is_err() {
                 break;
@@ -149,7 +148,16 @@ impl Outbox {
             let (registry, publisher) = (self.registry.clone(), self.publisher.clone());
             let runtime = tokio::runtime::Handle::current();
             let pass = tokio::task::spawn_blocking(move || {
-                registry.relay_batch(batch, |due| runtime.block_on(publisher.publish(due)))
+                registry.relay_batch(batch, |due| {
+                    let due: Vec<Outgoing> = due
+                        .iter()
+                        .map(|(run, trace)| Outgoing {
+                            run: *run,
+                            traceparent: trace.as_deref().map(Into::into),
+                        })
+                        .collect();
+                    runtime.block_on(publisher.publish(&due))
+                })
             })
             .await;
             let full = match pass {
@@ -189,7 +197,7 @@ impl Outbox {
 async fn publish_fresh(
     registry: Registry,
     publisher: Arc<Publisher>,
-    mut rx: mpsc::Receiver<Uuid>,
+    mut rx: mpsc::Receiver<Outgoing>,
 ) {
     let mut batch = Vec::with_capacity(1000);
     while rx.recv_many(&mut batch, 1000).await > 0 {

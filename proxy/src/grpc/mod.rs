@@ -25,6 +25,7 @@ use crate::{
     error::RegistryError,
     executor::{Executor, Outcome, Submission},
     outbox::{Acceptor, Outbox, RunLog},
+    queue::Outgoing,
     registry::{Acceptance, Registry, Replay, RunState, SyncRun, TaskDef},
 };
 
@@ -134,8 +135,18 @@ impl Service {
         request: Request<ProcessRequest>,
     ) -> Result<Response<ProcessResponse>, Status> {
         let key = self.authenticate(&request)?;
-        let request = request.into_inner();
         let span = tracing::Span::current();
+        // The trace its asynchronous runs belong to: this call's span when
+        // spans are exported, else the caller's traceparent as it came.
+        let trace = crate::trace::traceparent_of(&span).or_else(|| {
+            request
+                .metadata()
+                .get(crate::trace::TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| crate::trace::is_traceparent(v))
+                .map(str::to_owned)
+        });
+        let request = request.into_inner();
         span.record("form.id", request.form_id.as_str());
         span.record("submission.id", request.submission_id.as_str());
         let form = parse_uuid("form_id", &request.form_id)?;
@@ -193,6 +204,7 @@ impl Service {
                     payload,
                     context,
                     tasks: later.iter().map(|t| (*t).clone()).collect(),
+                    trace: trace.clone(),
                 })
                 .await
         };
@@ -203,10 +215,14 @@ impl Service {
             .map_err(registry_status)?
             .map_err(|Replay::Conflict(why)| Status::already_exists(why))?;
 
-        let fresh: Vec<Uuid> = accepted
+        let traceparent: Option<Arc<str>> = trace.map(Into::into);
+        let fresh: Vec<Outgoing> = accepted
             .iter()
             .filter(|a| a.unpublished)
-            .map(|a| a.run_id)
+            .map(|a| Outgoing {
+                run: a.run_id,
+                traceparent: traceparent.clone(),
+            })
             .collect();
         if !fresh.is_empty() {
             self.outbox.publish_soon(fresh);

@@ -29,6 +29,8 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The raw body, for logs.
     pub body: String,
+    /// The trace the run belongs to (the message's `traceparent` header).
+    pub traceparent: Option<String>,
     tag: u64,
     acks: Arc<Acks>,
 }
@@ -209,10 +211,20 @@ pub async fn consume<F, Fut>(
                 continue;
             };
             let body = String::from_utf8_lossy(&body).into_owned();
+            let traceparent = message
+                .basic_properties
+                .as_ref()
+                .and_then(|p| p.headers())
+                .and_then(|h| h.get(&amqprs::FieldName::try_from(crate::trace::TRACEPARENT).ok()?))
+                .and_then(|v| match v {
+                    amqprs::FieldValue::S(s) => Some(s.as_ref().clone()),
+                    _ => None,
+                });
             let delivery = Delivery {
                 run_id: body.trim().parse().ok(),
                 redelivered: deliver.redelivered(),
                 body,
+                traceparent,
                 tag: deliver.delivery_tag(),
                 acks: acks.clone(),
             };

@@ -121,3 +121,22 @@ impl Backoff {
 pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.75 + fastrand::f64() * 0.5)
 }
+
+/// A run to publish, with the trace it belongs to (carried in the
+/// message's `traceparent` header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The run.
+    pub run: uuid::Uuid,
+    /// The W3C traceparent of the call that accepted it.
+    pub traceparent: Option<std::sync::Arc<str>>,
+}
+
+impl From<uuid::Uuid> for Outgoing {
+    fn from(run: uuid::Uuid) -> Outgoing {
+        Outgoing {
+            run,
+            traceparent: None,
+        }
+    }
+}

@@ -22,7 +22,7 @@ use amqprs::{
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{Backoff, QueueConfig, QueueError, topology::open};
+use super::{Backoff, Outgoing, QueueConfig, QueueError, topology::open};
 
 /// The confirms awaited on one channel.
 #[derive(Default)]
@@ -260,7 +260,7 @@ impl Publisher {
 
     /// Publishes each run and returns the ones the broker confirmed; the rest
     /// are left for the relay. Never fails as a whole.
-    pub async fn publish(&self, runs: &[Uuid]) -> Vec<Uuid> {
+    pub async fn publish(&self, runs: &[Outgoing]) -> Vec<Uuid> {
         let mut pending = Vec::with_capacity(runs.len());
         let confirms;
         {
@@ -289,7 +289,8 @@ impl Publisher {
             }
             let live = state.live.as_ref().expect("connected above");
             confirms = live.confirms.clone();
-            for &run in runs {
+            for outgoing in runs {
+                let run = outgoing.run;
                 let Some(confirm) = live.confirms.register() else {
                     break;
                 };
@@ -299,6 +300,9 @@ impl Publisher {
                     .with_persistence(true)
                     .with_message_id(&run.to_string())
                     .with_content_type("text/plain");
+                if let Some(headers) = trace_headers(outgoing.traceparent.as_deref()) {
+                    props.with_headers(headers);
+                }
                 // Mandatory: a run no queue would take comes back (see
                 // `publish_return`) instead of being confirmed and lost.
                 let mut args =
@@ -324,4 +328,13 @@ impl Publisher {
         }
         confirmed
     }
+}
+
+/// The message headers carrying `traceparent`, if there is one.
+fn trace_headers(traceparent: Option<&str>) -> Option<amqprs::FieldTable> {
+    let name = amqprs::FieldName::try_from(crate::trace::TRACEPARENT).ok()?;
+    let value = amqprs::LongStr::try_from(traceparent?).ok()?;
+    let mut headers = amqprs::FieldTable::new();
+    headers.insert(name, amqprs::FieldValue::S(value));
+    Some(headers)
 }

@@ -76,6 +76,7 @@ diesel::table! {
         lease_until -> Nullable<Timestamptz>,
         throttled_ms -> Int8,
         slot_at -> Nullable<Timestamptz>,
+        trace_context -> Nullable<Text>,
     }
 }
 

@@ -21,6 +21,10 @@ pub(super) async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     };
     let span =
         tracing::info_span!("delivery", run.id = %run_id, redelivered = delivery.redelivered);
+    // A child of the Process call that accepted the run.
+    if let Some(traceparent) = &delivery.traceparent {
+        crate::trace::continue_trace(&span, traceparent);
+    }
     let in_flight = ::metrics::gauge!(crate::metrics::WORKER_IN_FLIGHT);
     in_flight.increment(1.0);
     handle_run(ctx, delivery, run_id).instrument(span).await;

@@ -843,6 +843,7 @@ async fn a_claim_retried_after_a_lost_answer_is_still_ours() {
                 payload: json!({}),
                 context: None,
                 tasks: vec![task],
+                trace: None,
             }],
             Duration::ZERO,
         )
@@ -909,6 +910,7 @@ async fn claims_and_outcomes_are_stored_in_batches_with_one_answer_per_delivery(
             payload: json!({ "answers": { "n": n } }),
             context: None,
             tasks: vec![task.clone()],
+            trace: None,
         })
         .collect();
     let runs: Vec<Uuid> = registry

@@ -177,6 +177,7 @@ async fn one_submission_the_database_refuses_fails_alone_in_its_batch() {
                         payload,
                         context: None,
                         tasks: vec![task],
+                        trace: None,
                     })
                     .await
             })
@@ -285,6 +286,7 @@ async fn a_duplicate_message_respects_backoff_and_a_late_publish_mark_hides_no_r
                 payload: json!({}),
                 context: None,
                 tasks: vec![task],
+                trace: None,
             }],
             Duration::ZERO,
         )
@@ -390,6 +392,7 @@ async fn pruning_deletes_old_finished_runs_and_never_pending_ones() {
             payload: json!({}),
             context: None,
             tasks: vec![task.clone()],
+            trace: None,
         })
         .collect();
     registry
@@ -520,7 +523,7 @@ async fn an_unroutable_run_is_not_taken_for_published() {
     let queue = TestQueue::new();
     let publisher = proxy::queue::Publisher::new(queue.config.clone());
     let (routed, unroutable) = (Uuid::new_v4(), Uuid::new_v4());
-    assert_eq!(publisher.publish(&[routed]).await, vec![routed]);
+    assert_eq!(publisher.publish(&[routed.into()]).await, vec![routed]);
     // Take the queue away: the exchange has nowhere to route runs to.
     {
         use amqprs::{
@@ -539,7 +542,7 @@ async fn an_unroutable_run_is_not_taken_for_published() {
         let _ = connection.close().await;
     }
     assert!(
-        publisher.publish(&[unroutable]).await.is_empty(),
+        publisher.publish(&[unroutable.into()]).await.is_empty(),
         "an unroutable run was confirmed as published"
     );
 }
@@ -608,6 +611,7 @@ fn a_run_state_this_build_does_not_know_is_an_error_naming_it() {
                 payload: json!({}),
                 context: None,
                 tasks: vec![task],
+                trace: None,
             }],
             Duration::ZERO,
         )

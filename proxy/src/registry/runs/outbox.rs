@@ -48,6 +48,8 @@ pub struct Acceptance {
     pub context: Option<serde_json::Value>,
     /// The form's enabled asynchronous tasks.
     pub tasks: Vec<TaskDef>,
+    /// The W3C traceparent of the call that accepted it, stored with its runs.
+    pub trace: Option<String>,
 }
 
 /// A stored submission, as a replay is checked against it.
@@ -174,6 +176,7 @@ impl Registry {
                             task_runs::state.eq(RunState::Queued),
                             task_runs::max_attempts.eq(t.max_attempts),
                             task_runs::next_attempt_at.eq(due),
+                            task_runs::trace_context.eq(r.trace.clone()),
                         ),
                     )
                 })
@@ -234,22 +237,22 @@ impl Registry {
     }
 
     /// One relay pass: locks up to `limit` due, unconfirmed runs (skipping
-    /// rows another relay holds), hands their ids to `publish`, and marks the
+    /// rows another relay holds), hands their ids and trace contexts to `publish`, and marks the
     /// ones it confirmed, all in one transaction. Returns how many it confirmed.
     pub fn relay_batch(
         &self,
         limit: i64,
-        publish: impl FnOnce(&[Uuid]) -> Vec<Uuid>,
+        publish: impl FnOnce(&[(Uuid, Option<String>)]) -> Vec<Uuid>,
     ) -> Result<usize, RegistryError> {
         let mut conn = self.conn()?;
         conn.transaction(|conn| {
-            let due: Vec<Uuid> = task_runs::table
+            let due: Vec<(Uuid, Option<String>)> = task_runs::table
                 .filter(task_runs::published_at.is_null())
                 .filter(task_runs::state.eq_any(PENDING))
                 .filter(task_runs::next_attempt_at.le(diesel::dsl::now))
                 .order(task_runs::next_attempt_at)
                 .limit(limit)
-                .select(task_runs::id)
+                .select((task_runs::id, task_runs::trace_context))
                 .for_update()
                 .skip_locked()
                 .load(conn)?;
