@@ -1,10 +1,12 @@
 //! The task registry on PostgreSQL: the only module that talks diesel.
 //!
-//! Holds the connection pool, the embedded migrations, the `tasks` queries
-//! used by the server and the CLI, and the blocking LISTEN loop that reports
-//! changes to a form's tasks (see `migrations/` for the trigger).
+//! Holds the connection pool, the embedded migrations and the `tasks`
+//! queries used by the server and the CLI. The blocking LISTEN loop that
+//! reports changes to a form's tasks is in `listen`; the queries on runs, one
+//! module per actor, are in `runs`.
 
 mod keys;
+mod listen;
 mod rate;
 mod retention;
 mod runs;
@@ -12,6 +14,7 @@ mod schema;
 mod stats;
 
 pub use keys::{NewKey, StoredKey};
+pub use listen::Change;
 pub use rate::Pace;
 pub use stats::RunStats;
 
@@ -20,18 +23,11 @@ pub use runs::{
     RunState, SyncRun,
 };
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    Connection, PgConnection,
+    PgConnection,
     prelude::*,
     r2d2::{ConnectionManager, Pool, PooledConnection},
 };
@@ -43,11 +39,6 @@ use crate::error::RegistryError;
 use self::schema::tasks;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
-
-/// The NOTIFY channel the `tasks` trigger announces changes on.
-const CHANNEL: &str = "daisy_tasks";
-/// The NOTIFY channel the `api_keys` trigger announces changes on.
-const KEYS_CHANNEL: &str = "daisy_keys";
 
 /// One task attached to a form: a row of `tasks`.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
@@ -321,97 +312,5 @@ impl Registry {
         let mut conn = self.conn()?;
         let deleted = diesel::delete(tasks::table.find(id)).execute(&mut conn)?;
         Ok(deleted > 0)
-    }
-
-    /// Listens for changes to `tasks` on a thread of its own until `stop` is set.
-    ///
-    /// Calls `on_event` with [`Change::Reset`] each time it has (re)connected,
-    /// because changes made while it was away were missed, and with
-    /// [`Change::Form`] for each change after that. While disconnected it
-    /// retries every `retry`.
-    pub fn listen(
-        &self,
-        retry: Duration,
-        stop: Arc<AtomicBool>,
-        on_event: impl Fn(Change) + Send + 'static,
-    ) {
-        let url = self.url.clone();
-        thread::Builder::new()
-            .name("daisy-listen".into())
-            .spawn(move || {
-                let mut was_connected = true;
-                while !stop.load(Ordering::Relaxed) {
-                    match listen_once(&url, &stop, &on_event) {
-                        Ok(()) => return,
-                        Err(err) => {
-                            if was_connected {
-                                tracing::warn!(error = %err, "task change listener lost the database; retrying");
-                            }
-                            was_connected = false;
-                            on_event(Change::Lost);
-                        }
-                    }
-                    sleep_unless_stopped(retry, &stop);
-                }
-            })
-            .expect("spawning the listener thread");
-    }
-}
-
-/// A change reported by [`Registry::listen`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    /// The listener (re)connected: anything cached may be stale.
-    Reset,
-    /// The listener lost its connection: changes are not seen until `Reset`.
-    Lost,
-    /// The tasks of this form changed.
-    Form(Uuid),
-    /// The API keys changed (one was created or revoked).
-    Keys,
-}
-
-/// How often the listener polls its connection for notifications. Polling is
-/// a non-blocking read, so this bounds how late a change is seen.
-const POLL: Duration = Duration::from_millis(50);
-/// How often it proves the connection alive with a query.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-
-fn listen_once(
-    url: &str,
-    stop: &AtomicBool,
-    on_event: &impl Fn(Change),
-) -> Result<(), RegistryError> {
-    let mut conn = PgConnection::establish(url).map_err(RegistryError::Connect)?;
-    diesel::sql_query(format!("LISTEN {CHANNEL}")).execute(&mut conn)?;
-    diesel::sql_query(format!("LISTEN {KEYS_CHANNEL}")).execute(&mut conn)?;
-    tracing::debug!("listening for task changes");
-    on_event(Change::Reset);
-    let mut last_heartbeat = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        for notification in conn.notifications_iter() {
-            let notification = notification?;
-            if notification.channel == KEYS_CHANNEL {
-                on_event(Change::Keys);
-                continue;
-            }
-            match notification.payload.parse::<Uuid>() {
-                Ok(form) => on_event(Change::Form(form)),
-                Err(_) => on_event(Change::Reset),
-            }
-        }
-        if last_heartbeat.elapsed() >= HEARTBEAT {
-            diesel::sql_query("SELECT 1").execute(&mut conn)?;
-            last_heartbeat = Instant::now();
-        }
-        thread::sleep(POLL);
-    }
-    Ok(())
-}
-
-fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
-    let deadline = Instant::now() + total;
-    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        thread::sleep(POLL);
     }
 }
