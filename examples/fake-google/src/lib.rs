@@ -61,9 +61,9 @@ pub struct Google {
     /// The sheets of each spreadsheet.
     sheets: Arc<Mutex<HashMap<String, Vec<String>>>>,
     /// Step → how many of its next calls answer 429 ([`Google::fail_next`]).
-    failures: Arc<Mutex<HashMap<String, u32>>>,
+    failures: Faults,
     /// Step → how many of its next calls answer 503 ([`Google::break_next`]).
-    outages: Arc<Mutex<HashMap<String, u32>>>,
+    outages: Faults,
     /// Sheets write requests allowed per minute, if limited ([`Google::set_write_quota`]).
     write_quota: Arc<Mutex<Option<usize>>>,
     /// When each accepted Sheets write request came.
@@ -118,26 +118,14 @@ impl Google {
     /// with `Retry-After: 1`, as Google does on a quota burst; each is
     /// counted in `throttled`. The call has no effect.
     pub fn fail_next(&self, step: &str, times: u32) {
-        assert!(STEPS.contains(&step), "unknown step {step:?}");
-        *self
-            .failures
-            .lock()
-            .expect("lock")
-            .entry(step.to_owned())
-            .or_default() += times;
+        add_faults(&self.failures, step, times);
     }
 
     /// Makes the next `times` calls of `step` answer 503 without a
     /// Retry-After, as Google's backends sometimes do: a failure, not a
     /// throttle. The call has no effect.
     pub fn break_next(&self, step: &str, times: u32) {
-        assert!(STEPS.contains(&step), "unknown step {step:?}");
-        *self
-            .outages
-            .lock()
-            .expect("lock")
-            .entry(step.to_owned())
-            .or_default() += times;
+        add_faults(&self.outages, step, times);
     }
 
     /// Limits Sheets write requests (appends, header writes, batch
@@ -166,25 +154,17 @@ impl Google {
     /// The 429 for `step`, if one is due ([`Google::fail_next`], or the
     /// write quota); else a write is recorded against the quota.
     fn injected(&self, step: &str) -> Option<Response> {
-        {
-            let mut outages = self.outages.lock().expect("lock");
-            if let Some(left) = outages.get_mut(step).filter(|left| **left > 0) {
-                *left -= 1;
-                return Some(error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "The service is currently unavailable.",
-                ));
-            }
+        if take_fault(&self.outages, step) {
+            return Some(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The service is currently unavailable.",
+            ));
         }
-        {
-            let mut failures = self.failures.lock().expect("lock");
-            if let Some(left) = failures.get_mut(step).filter(|left| **left > 0) {
-                *left -= 1;
-                *self.throttled.lock().expect("lock") += 1;
-                return Some(throttled(&format!(
-                    "Quota exceeded for quota metric 'Requests' ({step})"
-                )));
-            }
+        if take_fault(&self.failures, step) {
+            *self.throttled.lock().expect("lock") += 1;
+            return Some(throttled(&format!(
+                "Quota exceeded for quota metric 'Requests' ({step})"
+            )));
         }
         if !WRITE_STEPS.contains(&step) {
             return None;
@@ -270,6 +250,31 @@ impl Google {
 
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": {"code": status.as_u16(), "message": message, "status": status.canonical_reason()}}))).into_response()
+}
+
+/// Step → faults still to answer.
+type Faults = Arc<Mutex<HashMap<String, u32>>>;
+
+/// Adds `times` faults for `step` (one of [`STEPS`]).
+fn add_faults(faults: &Faults, step: &str, times: u32) {
+    assert!(STEPS.contains(&step), "unknown step {step:?}");
+    *faults
+        .lock()
+        .expect("lock")
+        .entry(step.to_owned())
+        .or_default() += times;
+}
+
+/// Takes one fault for `step`, if one is due.
+fn take_fault(faults: &Faults, step: &str) -> bool {
+    let mut faults = faults.lock().expect("lock");
+    match faults.get_mut(step).filter(|left| **left > 0) {
+        Some(left) => {
+            *left -= 1;
+            true
+        }
+        None => false,
+    }
 }
 
 /// A 429 in Google's shape, to retry after a second.

@@ -197,19 +197,36 @@ fn config(base_url: &str) -> serde_json::Value {
     })
 }
 
+/// The sms task on a new form of a new Daisy stack against the gateway at
+/// `base`: its config is [`config`] with `changes` over it, the gateway
+/// token secret is `token`, and the processes log at `log` (`RUST_LOG`;
+/// the test suite's level if `None`).
+/// Returns (stack, form, task id, the secrets directory to keep alive).
+async fn receipt_task(
+    base: &str,
+    token: &str,
+    changes: serde_json::Value,
+    log: Option<&str>,
+) -> (Stack, Uuid, Uuid, SecretsDir) {
+    let secrets = SecretsDir::new(&[("twilio_token", token)]);
+    let mut env = vec![("DAISY_SECRETS_DIR", secrets.env_value())];
+    env.extend(log.map(|level| ("RUST_LOG", level)));
+    let stack = Stack::start(&[("sms", "sms")], &env).await;
+    let mut config = config(base);
+    for (key, value) in changes.as_object().into_iter().flatten() {
+        config[key] = value.clone();
+    }
+    let form = Uuid::new_v4();
+    let task = stack.attach(form, "receipt", "sms", "sms", true, &config);
+    (stack, form, task, secrets)
+}
+
 #[tokio::test]
 async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
     let gateway = Gateway::default();
     *gateway.throttle.lock().expect("lock") = 2;
     let base = fake_gateway(gateway.clone()).await;
-    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
-    let mut stack = Stack::start(
-        &[("sms", "sms")],
-        &[("DAISY_SECRETS_DIR", secrets.env_value())],
-    )
-    .await;
-    let form = Uuid::new_v4();
-    stack.attach(form, "receipt", "sms", "sms", true, &config(&base));
+    let (mut stack, form, _, _secrets) = receipt_task(&base, TOKEN, json!({}), None).await;
 
     let (submission, _) = stack
         .process(
@@ -243,18 +260,8 @@ async fn a_receipt_is_sent_and_throttling_is_ridden_out() {
 async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
     let gateway = Gateway::default();
     let base = fake_gateway(gateway.clone()).await;
-    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
     // Everything logged, to look for phone numbers in it.
-    let mut stack = Stack::start(
-        &[("sms", "sms")],
-        &[
-            ("DAISY_SECRETS_DIR", secrets.env_value()),
-            ("RUST_LOG", "debug"),
-        ],
-    )
-    .await;
-    let form = Uuid::new_v4();
-    stack.attach(form, "receipt", "sms", "sms", true, &config(&base));
+    let (mut stack, form, _, _secrets) = receipt_task(&base, TOKEN, json!({}), Some("debug")).await;
 
     let (submission, _) = stack
         .process(
@@ -307,14 +314,7 @@ async fn an_invalid_phone_number_is_dead_at_once_and_nothing_is_sent() {
 #[tokio::test]
 async fn wrong_credentials_are_a_permanent_error_with_the_gateways_message() {
     let base = fake_gateway(Gateway::default()).await;
-    let secrets = SecretsDir::new(&[("twilio_token", "wrong")]);
-    let mut stack = Stack::start(
-        &[("sms", "sms")],
-        &[("DAISY_SECRETS_DIR", secrets.env_value())],
-    )
-    .await;
-    let form = Uuid::new_v4();
-    stack.attach(form, "receipt", "sms", "sms", true, &config(&base));
+    let (mut stack, form, _, _secrets) = receipt_task(&base, "wrong", json!({}), None).await;
 
     let (submission, _) = stack
         .process(
@@ -343,17 +343,9 @@ async fn replies_slower_than_the_timeout_are_looked_up_and_no_text_is_sent_twice
     let gateway = Gateway::default();
     *gateway.slow_replies.lock().expect("lock") = 3;
     let base = fake_gateway(gateway.clone()).await;
-    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
-    let mut stack = Stack::start(
-        &[("sms", "sms")],
-        &[("DAISY_SECRETS_DIR", secrets.env_value())],
-    )
-    .await;
-    let form = Uuid::new_v4();
     // The gateway's reply comes 2.5 s late; the task gives up after 1 s.
-    let mut config = config(&base);
-    config["timeout_ms"] = json!(1000);
-    stack.attach(form, "receipt", "sms", "sms", true, &config);
+    let (mut stack, form, _, _secrets) =
+        receipt_task(&base, TOKEN, json!({"timeout_ms": 1000}), None).await;
 
     let people = [
         ("Ada", "+447700900121"),
@@ -425,19 +417,8 @@ async fn a_run_dead_after_a_lost_reply_says_the_text_may_have_been_delivered() {
     let gateway = Gateway::default();
     *gateway.slow_replies.lock().expect("lock") = 1;
     let base = fake_gateway(gateway.clone()).await;
-    let secrets = SecretsDir::new(&[("twilio_token", TOKEN)]);
-    let mut stack = Stack::start(
-        &[("sms", "sms")],
-        &[
-            ("DAISY_SECRETS_DIR", secrets.env_value()),
-            ("RUST_LOG", "debug"),
-        ],
-    )
-    .await;
-    let form = Uuid::new_v4();
-    let mut config = config(&base);
-    config["timeout_ms"] = json!(1000);
-    let task = stack.attach(form, "receipt", "sms", "sms", true, &config);
+    let (mut stack, form, task, _secrets) =
+        receipt_task(&base, TOKEN, json!({"timeout_ms": 1000}), Some("debug")).await;
     // One attempt only: the lost reply is the run's last word.
     stack.db.execute(&format!(
         "UPDATE tasks SET max_attempts = 1 WHERE id = '{task}'"
