@@ -153,6 +153,15 @@ impl Keys {
         Ok(key)
     }
 
+    /// Whether `token` is a live admin key (for the console's writes).
+    pub fn is_admin(&self, token: &str) -> bool {
+        self.by_hash
+            .read()
+            .expect("keys lock poisoned")
+            .get(&token_hash(token.trim()))
+            .is_some_and(|key| key.admin)
+    }
+
     /// Records the key's use, at most once a minute, off the caller's path.
     fn touch(&self, key: &Key) {
         {

@@ -1,7 +1,7 @@
 //! The operations listener (`--http-addr`) of `daisy serve` and `daisy
 //! worker`: `/metrics` (Prometheus), `/healthz` (the process is up) and
 //! `/readyz` (it can do its work: the database answers, the broker is
-//! connected).
+//! connected), and on serve the web console ([`crate::console`]) at `/`.
 //!
 //! Off unless asked for, and loopback only: it has no TLS or
 //! authentication of its own, so an address beyond loopback is refused.
@@ -35,14 +35,19 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ready: Check,
+    console: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     crate::metrics::install()?;
-    let app = Router::new()
+    let ops = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(Ops { ready });
+    let app = match console {
+        Some(console) => ops.merge(console),
+        None => ops,
+    };
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "operations listener up: /metrics, /healthz, /readyz");
     }

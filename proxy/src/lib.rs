@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod batch;
 pub mod catalog;
+pub mod console;
 pub mod error;
 pub mod executor;
 pub mod grpc;

@@ -87,8 +87,16 @@ pub async fn run(
                 let _ = stop.wait_for(|stopped| *stopped).await;
             };
             crate::metrics::install()?;
+            let console =
+                crate::console::Console::new(registry.clone(), plugins.clone(), keys.clone())?
+                    .router();
             tokio::spawn(run_stats(registry.clone(), relay_stopped.clone()));
-            Some(tokio::spawn(crate::http::serve(listener, ready, shutdown)))
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                ready,
+                Some(console),
+                shutdown,
+            )))
         }
         None => None,
     };

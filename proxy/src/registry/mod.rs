@@ -5,6 +5,7 @@
 //! reports changes to a form's tasks is in `listen`; the queries on runs, one
 //! module per actor, are in `runs`.
 
+mod console;
 mod keys;
 mod listen;
 mod rate;
@@ -13,6 +14,7 @@ mod runs;
 mod schema;
 mod stats;
 
+pub use console::{AttemptRecord, MinuteCount, RunFilter};
 pub use keys::{NewKey, StoredKey};
 pub use listen::Change;
 pub use rate::Pace;

@@ -194,7 +194,9 @@ pub async fn run(
                 let _ = stop.wait_for(|stopped| *stopped).await;
             };
             crate::metrics::install()?;
-            Some(tokio::spawn(crate::http::serve(listener, ready, shutdown)))
+            Some(tokio::spawn(crate::http::serve(
+                listener, ready, None, shutdown,
+            )))
         }
         None => None,
     };

@@ -6,6 +6,7 @@ mod util;
 mod asynchronous;
 mod authoring;
 mod cli;
+mod console;
 mod database;
 mod edge;
 mod faults;
