@@ -22,6 +22,8 @@ fn layout(title: &str, body: Markup) -> Markup {
         html lang="en" {
             head {
                 meta charset="utf-8";
+                // No favicon request (it would 404).
+                link rel="icon" href="data:,";
                 title { (title) " · Daisy" }
                 style { (STYLE) }
             }

@@ -5,6 +5,7 @@ mod util;
 
 mod asynchronous;
 mod authoring;
+mod browser;
 mod cli;
 mod console;
 mod database;
