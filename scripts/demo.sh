@@ -24,6 +24,7 @@ export DAISY_ADDR=127.0.0.1:$DAISY_PORT DAISY_SERVER=http://127.0.0.1:$DAISY_POR
 export COLLECT_ADDR=127.0.0.1:$COLLECT_PORT COLLECT_RESEND_GRACE_SECS=1
 export RUST_LOG=${RUST_LOG:-warn}
 GOOGLE_PORT=${DEMO_GOOGLE_PORT:-18090}
+CONSOLE_PORT=${DEMO_CONSOLE_PORT:-18095}
 DAISY=target/debug/daisy
 COLLECT=target/debug/example-collect
 FAKE_GOOGLE=target/debug/example-fake-google
@@ -50,7 +51,7 @@ PIDS=()
 cleanup() { [ ${#PIDS[@]} -eq 0 ] || { kill -TERM "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null || true; }; }
 trap cleanup EXIT
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-start_daisy() { $DAISY serve & DAISY_PID=$!; PIDS+=($DAISY_PID); wait_port "$DAISY_PORT"; }
+start_daisy() { $DAISY serve --http-addr "127.0.0.1:$CONSOLE_PORT" & DAISY_PID=$!; PIDS+=($DAISY_PID); wait_port "$DAISY_PORT"; wait_port "$CONSOLE_PORT"; }
 
 step "Build Daisy, the Collect backend and the plugins"
 make --no-print-directory build plugins >/dev/null
@@ -157,6 +158,16 @@ echo "\$ $DAISY runs get $ID --wait 30"
 RUNS=$($DAISY runs get "$ID" --wait 30)
 echo "$RUNS" | jq -c '.[] | {name, is_async, state, attempts}'
 echo "$RUNS" | jq -e 'map(select(.is_async)) | length == 1 and all(.state == "RUN_STATE_SUCCEEDED")' >/dev/null
+
+step "The console and the metrics"
+CONSOLE=http://127.0.0.1:$CONSOLE_PORT
+curl -s "$CONSOLE/" | grep -q "Runs per minute"
+say "metrics: $(curl -s "$CONSOLE/metrics" | grep -c '^daisy_') samples at $CONSOLE/metrics"
+if [ -t 0 ] && [ -z "${CI:-}" ]; then
+    read -r -p "   The console is at $CONSOLE/ (runs, dead runs, forms, plugins). Open it, then press Enter to stop. " _
+else
+    say "the console is at $CONSOLE/ while the demo runs (run make demo in a terminal to keep it up until you press Enter)"
+fi
 
 step "Stop everything (SIGTERM: in-flight work finishes first)"
 cleanup
