@@ -140,19 +140,16 @@ impl Executor {
             Err(_) => timed_out(),
         };
         let duration = started.elapsed();
-        if crate::metrics::enabled() {
-            let mode = if task.is_async { "async" } else { "sync" };
-            let result = match &outcome {
-                Outcome::Succeeded(_) => "succeeded",
-                Outcome::Failed { .. } => "failed",
-                Outcome::TimedOut(_) => "timed_out",
-                Outcome::Crashed { .. } => "crashed",
+        let mode = if task.is_async { "async" } else { "sync" };
+        if let Some(runs) = crate::metrics::hot::task_runs(&task.name, mode) {
+            let outcome = match &outcome {
+                Outcome::Succeeded(_) => 0,
+                Outcome::Failed { .. } => 1,
+                Outcome::TimedOut(_) => 2,
+                Outcome::Crashed { .. } => 3,
             };
-            let name = task.name.clone();
-            ::metrics::counter!(crate::metrics::TASK_RUNS, "task" => name.clone(), "mode" => mode, "outcome" => result)
-                .increment(1);
-            ::metrics::histogram!(crate::metrics::TASK_DURATION, "task" => name, "mode" => mode)
-                .record(duration);
+            runs.outcomes[outcome].increment(1);
+            runs.duration.record(duration);
         }
         span.in_scope(|| match &outcome {
             Outcome::Succeeded(_) => {

@@ -144,3 +144,66 @@ fn describe() {
     describe_counter!(HOST_RECYCLES, "Plugin hosts recycled, by module.");
     describe_gauge!(QUARANTINED, "Tasks quarantined now.");
 }
+
+/// Handles for the per-call metrics, looked up once instead of per call
+/// (a lookup hashes the name and labels). `None` while metrics are off.
+pub mod hot {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, OnceLock, RwLock},
+    };
+
+    use metrics::{Counter, Histogram, counter, histogram};
+
+    /// A successful `Process`: its counter and latency histogram.
+    pub fn process_ok() -> Option<&'static (Counter, Histogram)> {
+        static OK: OnceLock<(Counter, Histogram)> = OnceLock::new();
+        super::enabled().then(|| {
+            OK.get_or_init(|| {
+                (
+                    counter!(super::PROCESS_CALLS, "code" => "OK"),
+                    histogram!(super::PROCESS_DURATION, "code" => "OK"),
+                )
+            })
+        })
+    }
+
+    /// Waits for a database connection.
+    pub fn pool_wait() -> Option<&'static Histogram> {
+        static WAIT: OnceLock<Histogram> = OnceLock::new();
+        super::enabled().then(|| WAIT.get_or_init(|| histogram!(super::DB_POOL_WAIT)))
+    }
+
+    /// One task's run metrics in one mode: a counter per outcome and the
+    /// duration histogram.
+    pub struct TaskRuns {
+        /// By outcome: succeeded, failed, timed_out, crashed.
+        pub outcomes: [Counter; 4],
+        /// Run durations.
+        pub duration: Histogram,
+    }
+
+    /// Handles by (task name, mode).
+    type ByTask = HashMap<(String, &'static str), Arc<TaskRuns>>;
+
+    /// The handles of task `name` in `mode` (bounded by the tasks' names).
+    pub fn task_runs(name: &str, mode: &'static str) -> Option<Arc<TaskRuns>> {
+        static TASKS: OnceLock<RwLock<ByTask>> = OnceLock::new();
+        if !super::enabled() {
+            return None;
+        }
+        let tasks = TASKS.get_or_init(RwLock::default);
+        let key = (name.to_owned(), mode);
+        if let Some(found) = tasks.read().ok()?.get(&key) {
+            return Some(found.clone());
+        }
+        let made = Arc::new(TaskRuns {
+            outcomes: ["succeeded", "failed", "timed_out", "crashed"].map(|outcome| {
+                counter!(super::TASK_RUNS, "task" => name.to_owned(), "mode" => mode, "outcome" => outcome)
+            }),
+            duration: histogram!(super::TASK_DURATION, "task" => name.to_owned(), "mode" => mode),
+        });
+        tasks.write().ok()?.insert(key, made.clone());
+        Some(made)
+    }
+}

@@ -13,7 +13,7 @@ use proto::v1::{
     ProcessResponse, Run as PbRun, RunState as PbRunState, SubmissionContext, TaskResult,
     post_sub_proxy_server::PostSubProxy,
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 pub use self::limits::Limits;
@@ -306,11 +306,18 @@ impl PostSubProxy for Service {
             crate::trace::continue_trace(&span, traceparent);
         }
         let answer = tracing::Instrument::instrument(self.process_call(request), span).await;
-        if crate::metrics::enabled() {
-            let code = code_name(answer.as_ref().map_or_else(Status::code, |_| Code::Ok));
-            ::metrics::counter!(crate::metrics::PROCESS_CALLS, "code" => code).increment(1);
-            ::metrics::histogram!(crate::metrics::PROCESS_DURATION, "code" => code)
-                .record(started.elapsed());
+        match (&answer, crate::metrics::hot::process_ok()) {
+            (Ok(_), Some((calls, latency))) => {
+                calls.increment(1);
+                latency.record(started.elapsed());
+            }
+            (Err(status), Some(_)) => {
+                let code = code_name(status.code());
+                ::metrics::counter!(crate::metrics::PROCESS_CALLS, "code" => code).increment(1);
+                ::metrics::histogram!(crate::metrics::PROCESS_DURATION, "code" => code)
+                    .record(started.elapsed());
+            }
+            (_, None) => {}
         }
         answer
     }

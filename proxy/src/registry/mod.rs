@@ -212,9 +212,11 @@ impl Registry {
     pub(crate) fn conn(
         &self,
     ) -> Result<PooledConnection<ConnectionManager<PgConnection>>, RegistryError> {
-        let started = std::time::Instant::now();
+        let wait = crate::metrics::hot::pool_wait().map(|h| (h, std::time::Instant::now()));
         let conn = self.pool.get();
-        ::metrics::histogram!(crate::metrics::DB_POOL_WAIT).record(started.elapsed());
+        if let Some((histogram, started)) = wait {
+            histogram.record(started.elapsed());
+        }
         conn.map_err(|err| {
             ::metrics::counter!(crate::metrics::DB_POOL_TIMEOUTS).increment(1);
             RegistryError::Unavailable(err)
