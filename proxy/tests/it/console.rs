@@ -222,3 +222,70 @@ async fn a_dead_run_retried_from_the_console_succeeds_and_a_disabled_task_stops(
         "a disabled task runs no more: {response:?}"
     );
 }
+
+/// A key made with the CLI on the stack's database: its token.
+fn key(stack: &Stack, args: &[&str]) -> String {
+    let out = std::process::Command::new(test_support::daisy_bin())
+        .args(["key", "create"])
+        .args(args)
+        .env("DATABASE_URL", &stack.db.url)
+        .output()
+        .expect("daisy key create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("the token")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_api_keys_on_console_writes_need_an_admin_key() {
+    let ops = free_port();
+    let stack = Stack::start_with(
+        &[("echo", "echo")],
+        &[],
+        &["--http-addr", &ops.to_string(), "--auth", "token"],
+        &[],
+    )
+    .await;
+    let form = Uuid::new_v4();
+    let task = stack.attach(form, "greet", "echo", "echo", false, &json!({}));
+    let (admin, backend) = (
+        key(&stack, &["--name", "ops", "--admin"]),
+        key(&stack, &["--name", "collect", "--form", &form.to_string()]),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // serve hears of the new keys
+    let page = http(ops, "GET", "/forms", &[], None).await.1;
+    assert!(
+        page.contains("name=\"admin_key\""),
+        "the form asks for the key: {page}"
+    );
+    let token = csrf(&page);
+    let disable = format!("/tasks/{task}/enabled");
+    for (given, status) in [
+        (None, 403),
+        (Some(backend.as_str()), 403),
+        (Some("dsy_wrong"), 403),
+        (Some(admin.as_str()), 303),
+    ] {
+        let mut form = vec![("csrf", token.as_str()), ("enabled", "false")];
+        form.extend(given.map(|k| ("admin_key", k)));
+        let (got, body) = http(ops, "POST", &disable, &form, None).await;
+        assert_eq!(got, status, "{given:?}: {body}");
+        if status == 403 {
+            assert!(body.contains("admin API key"), "{body}");
+        }
+    }
+    assert!(
+        http(ops, "GET", "/forms", &[], None)
+            .await
+            .1
+            .contains("disabled")
+    );
+}
