@@ -47,22 +47,30 @@ impl From<diesel::result::Error> for RegistryError {
 
 impl RegistryError {
     /// Whether trying again may succeed: the database was unreachable, the
-    /// connection broke, or a transaction lost a serialization race. Any
+    /// connection broke, or a transaction lost a serialization race or a
+    /// deadlock. Any
     /// other failure would happen again on the same input.
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
         match self {
             RegistryError::Unavailable(_) | RegistryError::Connect(_) => true,
-            RegistryError::Query(err) => matches!(
-                err,
+            RegistryError::Query(err) => match err {
                 Error::BrokenTransactionManager
-                    | Error::DatabaseError(
-                        DatabaseErrorKind::SerializationFailure
-                            | DatabaseErrorKind::ClosedConnection
-                            | DatabaseErrorKind::UnableToSendCommand,
-                        _,
-                    )
-            ),
+                | Error::DatabaseError(
+                    DatabaseErrorKind::SerializationFailure
+                    | DatabaseErrorKind::ClosedConnection
+                    | DatabaseErrorKind::UnableToSendCommand,
+                    _,
+                ) => true,
+                // A deadlock (40P01, which diesel does not name) aborted
+                // this statement to let another finish: running it again
+                // succeeds. Concurrent batches that update the same rows in
+                // different orders (a publish mark, a finish) can meet so.
+                Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
+                    info.message().starts_with("deadlock detected")
+                }
+                _ => false,
+            },
             RegistryError::Migration(_) | RegistryError::UnknownRunState(_) => false,
         }
     }

@@ -116,3 +116,40 @@ async fn server_started_while_the_database_is_down_serves_once_it_is_up() {
         }
     }
 }
+
+#[test]
+fn a_deadlock_is_a_transient_error_to_retry() {
+    use diesel::{Connection, PgConnection, RunQueryDsl};
+    let db = TestDb::new();
+    db.execute("CREATE TABLE pair (id int PRIMARY KEY, v int)");
+    db.execute("INSERT INTO pair VALUES (1, 0), (2, 0)");
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    // Two transactions take the same two rows in opposite orders.
+    let lock = |first: i32, second: i32| {
+        let (url, barrier) = (db.url.clone(), barrier.clone());
+        std::thread::spawn(move || {
+            let mut conn = PgConnection::establish(&url).expect("connecting");
+            conn.transaction::<_, diesel::result::Error, _>(|conn| {
+                diesel::sql_query(format!("UPDATE pair SET v = 1 WHERE id = {first}"))
+                    .execute(conn)?;
+                barrier.wait();
+                diesel::sql_query(format!("UPDATE pair SET v = 1 WHERE id = {second}"))
+                    .execute(conn)?;
+                Ok(())
+            })
+        })
+    };
+    let (a, b) = (lock(1, 2), lock(2, 1));
+    let results = [a.join().expect("thread"), b.join().expect("thread")];
+    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "PostgreSQL aborts one of the two: {failed:?}"
+    );
+    let err = proxy::error::RegistryError::from(failed.into_iter().next().expect("the deadlock"));
+    assert!(
+        err.is_transient(),
+        "a deadlock is retried, not refused: {err:?}"
+    );
+}
