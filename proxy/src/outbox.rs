@@ -10,6 +10,7 @@
 //! A run published twice is harmless: workers claim runs conditionally.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -18,6 +19,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
 
 use crate::{
     batch::Batcher,
@@ -101,10 +103,17 @@ pub struct Outbox {
 
 impl Outbox {
     /// An outbox over `registry` publishing through `publisher`; starts the
-    /// task that publishes freshly accepted runs.
-    pub fn new(registry: Registry, publisher: Arc<Publisher>) -> Outbox {
+    /// task that publishes freshly accepted runs. The broker's confirmations
+    /// are recorded half-way through `grace`, the time the relay leaves new
+    /// runs to the accepting proxy.
+    pub fn new(registry: Registry, publisher: Arc<Publisher>, grace: Duration) -> Outbox {
         let (fresh, rx) = mpsc::channel(65_536);
-        tokio::spawn(publish_fresh(registry.clone(), publisher.clone(), rx));
+        tokio::spawn(publish_fresh(
+            registry.clone(),
+            publisher.clone(),
+            rx,
+            grace / 2,
+        ));
         Outbox {
             registry,
             publisher,
@@ -192,28 +201,79 @@ impl Outbox {
     }
 }
 
+/// At most this many confirmed runs wait for their publish mark; past it the
+/// oldest are marked at once.
+const MAX_UNMARKED: usize = 262_144;
+
 /// Publishes what `publish_soon` queued, whatever piled up at a time, and
-/// records the confirmed ones in one statement per batch.
+/// records the confirmed ones `mark_after` later, in one statement per
+/// pass: by then a worker has claimed almost every run, and the mark skips
+/// claimed runs, so in the normal case it writes no row at all. Only runs
+/// still waiting in the queue (a backlog) get marked, which keeps the relay
+/// from publishing them again once their grace period ends. A proxy that
+/// stops before marking leaves the relay to publish them a second time,
+/// which workers' conditional claims make harmless.
 async fn publish_fresh(
     registry: Registry,
     publisher: Arc<Publisher>,
     mut rx: mpsc::Receiver<Outgoing>,
+    mark_after: Duration,
 ) {
     let mut batch = Vec::with_capacity(1000);
-    while rx.recv_many(&mut batch, 1000).await > 0 {
-        let confirmed = publisher.publish(&batch).await;
-        batch.clear();
-        if confirmed.is_empty() {
-            continue;
+    let mut unmarked: VecDeque<(tokio::time::Instant, Vec<Uuid>)> = VecDeque::new();
+    let mut held = 0;
+    loop {
+        let next_mark = unmarked.front().map(|(at, _)| *at);
+        tokio::select! {
+            received = rx.recv_many(&mut batch, 1000) => {
+                if received == 0 {
+                    break;
+                }
+                let confirmed = publisher.publish(&batch).await;
+                batch.clear();
+                if confirmed.is_empty() {
+                    continue;
+                }
+                ::metrics::counter!(crate::metrics::RUNS_PUBLISHED, "path" => "accept")
+                    .increment(confirmed.len() as u64);
+                held += confirmed.len();
+                unmarked.push_back((tokio::time::Instant::now() + mark_after, confirmed));
+                if held > MAX_UNMARKED {
+                    let (_, oldest) = unmarked.pop_front().expect("held counts what is queued");
+                    held -= oldest.len();
+                    mark(&registry, oldest).await;
+                }
+            }
+            () = tokio::time::sleep_until(next_mark.unwrap_or_else(tokio::time::Instant::now)), if next_mark.is_some() => {
+                let now = tokio::time::Instant::now();
+                let mut due = Vec::new();
+                while unmarked.front().is_some_and(|(at, _)| *at <= now) {
+                    let (_, runs) = unmarked.pop_front().expect("checked above");
+                    held -= runs.len();
+                    due.extend(runs);
+                }
+                mark(&registry, due).await;
+            }
         }
-        ::metrics::counter!(crate::metrics::RUNS_PUBLISHED, "path" => "accept")
-            .increment(confirmed.len() as u64);
-        let registry = registry.clone();
-        let stored = tokio::task::spawn_blocking(move || registry.mark_published(&confirmed)).await;
-        if let Ok(Err(err)) = stored {
-            // Harmless: the relay publishes them again after the grace period.
-            tracing::warn!(error = %err, "recording published runs failed");
-        }
+    }
+    // Stopping: mark what is left now rather than leave it to the relay.
+    mark(
+        &registry,
+        unmarked.into_iter().flat_map(|(_, runs)| runs).collect(),
+    )
+    .await;
+}
+
+/// Records that the broker confirmed `runs` (those no worker claimed yet).
+async fn mark(registry: &Registry, runs: Vec<Uuid>) {
+    if runs.is_empty() {
+        return;
+    }
+    let registry = registry.clone();
+    let stored = tokio::task::spawn_blocking(move || registry.mark_published(&runs)).await;
+    if let Ok(Err(err)) = stored {
+        // Harmless: the relay publishes them again after the grace period.
+        tracing::warn!(error = %err, "recording published runs failed");
     }
 }
 

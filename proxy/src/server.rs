@@ -66,7 +66,7 @@ pub async fn run(
     plugins.record_quarantines_in(registry.clone());
     let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks);
     let publisher = Arc::new(Publisher::new(config.queue.clone()));
-    let outbox = Outbox::new(registry.clone(), publisher);
+    let outbox = Outbox::new(registry.clone(), publisher, config.outbox_grace);
     let (run_log, run_log_writer) = RunLog::start(registry.clone(), RUN_LOG_BACKLOG_BYTES);
     let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
     let pruner = config

@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use super::{
     Registry, Run, RunState,
-    schema::{task_run_attempts, task_runs, tasks},
+    runs::run_attempts,
+    schema::{task_runs, tasks},
 };
 use crate::error::RegistryError;
 
@@ -30,7 +31,7 @@ pub struct RunFilter {
 
 /// One execution of a run, as the console shows it.
 #[derive(Debug, Clone, Queryable, Selectable)]
-#[diesel(table_name = task_run_attempts, check_for_backend(diesel::pg::Pg))]
+#[diesel(table_name = run_attempts, check_for_backend(diesel::pg::Pg))]
 pub struct AttemptRecord {
     /// Its number, from 1.
     pub attempt: i32,
@@ -111,9 +112,9 @@ impl Registry {
     /// A run's executions, with their workers and errors, in order.
     pub fn attempt_log(&self, run: Uuid) -> Result<Vec<AttemptRecord>, RegistryError> {
         let mut conn = self.conn()?;
-        Ok(task_run_attempts::table
-            .filter(task_run_attempts::run_id.eq(run))
-            .order((task_run_attempts::started_at, task_run_attempts::attempt))
+        Ok(run_attempts::table
+            .filter(run_attempts::run_id.eq(run))
+            .order((run_attempts::started_at, run_attempts::attempt))
             .select(AttemptRecord::as_select())
             .load(&mut conn)?)
     }
@@ -147,11 +148,7 @@ impl Registry {
             .filter(|run| run.is_async)
             .map(|run| run.id)
             .collect();
-        let mut retried = Vec::with_capacity(ids.len());
-        for id in ids {
-            retried.extend(self.retry_dead(Some(id))?);
-        }
-        Ok(retried)
+        self.retry_dead_ids(&ids)
     }
 
     /// Enables or disables a task; false if there is no such task.

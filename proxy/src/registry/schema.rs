@@ -77,6 +77,7 @@ diesel::table! {
         throttled_ms -> Int8,
         slot_at -> Nullable<Timestamptz>,
         trace_context -> Nullable<Text>,
+        finished_by -> Nullable<Text>,
     }
 }
 

@@ -20,3 +20,4 @@ mod quotas;
 mod security;
 mod service;
 mod validation;
+mod writes;

@@ -38,7 +38,7 @@ async fn a_throttled_run_waits_without_using_its_attempts() {
     );
     assert_eq!(output["attempt"], 1, "{output}");
     let log = stack.db.query_one(&format!(
-        "SELECT count(*)::text FROM task_run_attempts WHERE run_id = '{}'",
+        "SELECT count(*)::text FROM run_attempts WHERE run_id = '{}'",
         run.run_id
     ));
     assert_eq!(log, "1", "only the real attempt is logged");

@@ -296,6 +296,10 @@ impl Registry {
         let mut conn = self.conn()?;
         // A throttled or paced execution gives its attempt back and is not
         // logged as one; a paced run keeps its last error and holds its slot.
+        // The execution that ends the run is recorded on the run itself
+        // (`finished_by`); only a retried one adds a row to
+        // `task_run_attempts`, as does a stale execution (its run another
+        // delivery has taken over): it is logged, not stored.
         diesel::sql_query(
             "WITH i AS (SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $9) \
                         AS i(id, attempt, kind, output, error, next_at, started_at, waited_ms)), \
@@ -310,13 +314,19 @@ impl Registry {
                                 THEN NULL ELSE t.published_at END, \
                  finished_at = CASE WHEN i.kind IN ('retrying', 'throttled', 'paced') \
                                THEN t.finished_at ELSE now() END, \
+                 finished_by = CASE WHEN i.kind IN ('succeeded', 'dead') THEN $8 END, \
                  throttled_ms = t.throttled_ms + i.waited_ms, \
                  slot_at = CASE WHEN i.kind = 'paced' THEN i.next_at END, \
                  updated_at = now() \
-               FROM i WHERE t.id = i.id AND t.state = 'running' AND t.attempts = i.attempt) \
+               FROM i WHERE t.id = i.id AND t.state = 'running' AND t.attempts = i.attempt \
+               RETURNING i.id, i.attempt, i.kind, i.error, i.started_at) \
              INSERT INTO task_run_attempts (run_id, attempt, worker, started_at, finished_at, outcome, error) \
+             SELECT id, attempt, $8, started_at, now(), kind, error FROM stored \
+             WHERE kind = 'retrying' \
+             UNION ALL \
              SELECT id, attempt, $8, started_at, now(), kind, error FROM i \
-             WHERE i.kind NOT IN ('throttled', 'paced') \
+             WHERE i.kind NOT IN ('throttled', 'paced') AND NOT EXISTS \
+               (SELECT 1 FROM stored s WHERE s.id = i.id AND s.attempt = i.attempt) \
              ON CONFLICT DO NOTHING",
         )
         .bind::<Array<SqlUuid>, _>(ids)

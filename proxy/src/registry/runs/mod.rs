@@ -1,5 +1,5 @@
-//! Runs on one table, `task_runs` (with `submissions` and
-//! `task_run_attempts`), split by the actor that queries them:
+//! Runs on one table, `task_runs` (with `submissions`,
+//! `task_run_attempts` and the view over both, `run_attempts`), split by the actor that queries them:
 //!
 //! - [`outbox`]: accepting submissions and publishing their runs (the
 //!   accepting proxy and the relay);
@@ -32,6 +32,21 @@ use uuid::Uuid;
 
 use super::schema::task_runs;
 use crate::error::RegistryError;
+
+diesel::table! {
+    /// A view (not a table; `diesel print-schema` leaves it out): every
+    /// execution of a run, those retried (`task_run_attempts`) and the one
+    /// that ended it (recorded on `task_runs`, by `finished_by`).
+    run_attempts (run_id, attempt, started_at) {
+        run_id -> Uuid,
+        attempt -> Int4,
+        worker -> Text,
+        started_at -> Timestamptz,
+        finished_at -> Timestamptz,
+        outcome -> Text,
+        error -> Nullable<Text>,
+    }
+}
 
 /// Where a run is in its life: `task_runs.state`, a `text` column holding
 /// [`RunState::as_str`].

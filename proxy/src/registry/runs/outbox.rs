@@ -183,17 +183,27 @@ impl Registry {
                 .collect();
             runs.sort_by_key(|(key, _)| *key);
             runs.dedup_by_key(|(key, _)| *key);
+            let expected = runs.len();
             let runs: Vec<_> = runs.into_iter().map(|(_, row)| row).collect();
-            diesel::insert_into(task_runs::table)
+            let mut found: Vec<FoundRun> = diesel::insert_into(task_runs::table)
                 .values(&runs)
                 .on_conflict((task_runs::submission_id, task_runs::task_id))
                 .do_nothing()
-                .execute(conn)?;
-            let found = task_runs::table
-                .filter(task_runs::submission_id.eq_any(&ids))
-                .filter(task_runs::is_async.eq(true))
-                .select(FoundRun::as_select())
-                .load(conn)?;
+                .returning(FoundRun::as_returning())
+                .get_results(conn)?;
+            // Runs that existed already (a replay, a concurrent duplicate)
+            // are read back; in the normal case every run was just created.
+            if found.len() < expected {
+                let created: Vec<Uuid> = found.iter().map(|run| run.id).collect();
+                found.extend(
+                    task_runs::table
+                        .filter(task_runs::submission_id.eq_any(&ids))
+                        .filter(task_runs::is_async.eq(true))
+                        .filter(task_runs::id.ne_all(created))
+                        .select(FoundRun::as_select())
+                        .load::<FoundRun>(conn)?,
+                );
+            }
             Ok::<_, diesel::result::Error>((conflicts, found))
         })?;
         Ok(requests
@@ -221,7 +231,9 @@ impl Registry {
 
     /// Records that the broker confirmed these freshly accepted runs. A run
     /// a worker has claimed meanwhile is left alone: marking a run that is
-    /// already `retrying` published would hide its retry from the relay.
+    /// already `retrying` published would hide its retry from the relay, and
+    /// a claimed run needs no mark (the relay publishes only pending runs),
+    /// so a mark that comes after the claims writes nothing.
     pub fn mark_published(&self, runs: &[Uuid]) -> Result<(), RegistryError> {
         let mut conn = self.conn()?;
         diesel::update(

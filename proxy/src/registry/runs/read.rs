@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::{Run, RunState};
+use super::{Run, RunState, run_attempts};
 use crate::{
     error::RegistryError,
     registry::{
@@ -62,32 +62,75 @@ impl Registry {
             target = target.filter(task_runs::id.eq(run));
         }
         let ids: Vec<Uuid> = target.select(task_runs::id).load(&mut conn)?;
-        diesel::update(task_runs::table.filter(task_runs::id.eq_any(&ids)))
-            .set((
-                task_runs::state.eq(RunState::Queued),
-                task_runs::attempts.eq(0),
-                task_runs::throttled_ms.eq(0),
-                task_runs::slot_at.eq(None::<DateTime<Utc>>),
-                task_runs::next_attempt_at.eq(diesel::dsl::now),
-                task_runs::published_at.eq(None::<DateTime<Utc>>),
-                task_runs::finished_at.eq(None::<DateTime<Utc>>),
-                task_runs::updated_at.eq(diesel::dsl::now),
-            ))
-            .execute(&mut conn)?;
-        Ok(ids)
+        self.retry_dead_ids(&ids)
+    }
+
+    /// Re-queues those of `runs` that are dead and asynchronous, in one
+    /// transaction; returns the ids re-queued. Each run's last execution,
+    /// recorded on the run, moves to `task_run_attempts` first, so its
+    /// history survives the fresh set of attempts.
+    pub fn retry_dead_ids(&self, runs: &[Uuid]) -> Result<Vec<Uuid>, RegistryError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|conn| {
+            let dead = task_runs::table
+                .filter(task_runs::id.eq_any(runs))
+                .filter(task_runs::state.eq(RunState::Dead))
+                .filter(task_runs::is_async.eq(true));
+            diesel::insert_into(task_run_attempts::table)
+                .values(
+                    dead.clone()
+                        .filter(task_runs::finished_by.is_not_null())
+                        .filter(task_runs::started_at.is_not_null())
+                        .filter(task_runs::finished_at.is_not_null())
+                        .select((
+                            task_runs::id,
+                            task_runs::attempts,
+                            task_runs::finished_by.assume_not_null(),
+                            task_runs::started_at.assume_not_null(),
+                            task_runs::finished_at.assume_not_null(),
+                            task_runs::state,
+                            task_runs::last_error,
+                        )),
+                )
+                .into_columns((
+                    task_run_attempts::run_id,
+                    task_run_attempts::attempt,
+                    task_run_attempts::worker,
+                    task_run_attempts::started_at,
+                    task_run_attempts::finished_at,
+                    task_run_attempts::outcome,
+                    task_run_attempts::error,
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            Ok(diesel::update(dead)
+                .set((
+                    task_runs::state.eq(RunState::Queued),
+                    task_runs::attempts.eq(0),
+                    task_runs::throttled_ms.eq(0),
+                    task_runs::slot_at.eq(None::<DateTime<Utc>>),
+                    task_runs::next_attempt_at.eq(diesel::dsl::now),
+                    task_runs::published_at.eq(None::<DateTime<Utc>>),
+                    task_runs::finished_at.eq(None::<DateTime<Utc>>),
+                    task_runs::finished_by.eq(None::<String>),
+                    task_runs::updated_at.eq(diesel::dsl::now),
+                ))
+                .returning(task_runs::id)
+                .get_results(conn)?)
+        })
     }
 
     /// The executions of a run, in order.
     pub fn attempts(&self, run: Uuid) -> Result<Vec<Attempt>, RegistryError> {
         let mut conn = self.conn()?;
-        Ok(task_run_attempts::table
-            .filter(task_run_attempts::run_id.eq(run))
-            .order((task_run_attempts::started_at, task_run_attempts::attempt))
+        Ok(run_attempts::table
+            .filter(run_attempts::run_id.eq(run))
+            .order((run_attempts::started_at, run_attempts::attempt))
             .select((
-                task_run_attempts::attempt,
-                task_run_attempts::started_at,
-                task_run_attempts::finished_at,
-                task_run_attempts::outcome,
+                run_attempts::attempt,
+                run_attempts::started_at,
+                run_attempts::finished_at,
+                run_attempts::outcome,
             ))
             .load(&mut conn)?)
     }
