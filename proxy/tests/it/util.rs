@@ -55,6 +55,11 @@ impl TestDb {
         self.db.execute(sql);
     }
 
+    /// A query of one text column, as with `psql -tAc`: its first row.
+    pub fn query_one(&self, sql: &str) -> String {
+        self.db.query_one(sql)
+    }
+
     /// Attaches a task with defaults for everything but what matters.
     pub fn attach(
         &self,
