@@ -393,7 +393,9 @@ impl Env {
     async fn settle(&self) -> anyhow::Result<()> {
         let mut last = -1;
         loop {
-            let rows = self.count("SELECT count(*) AS n FROM task_runs")?;
+            let rows = self.count(
+                "SELECT (SELECT count(*) FROM task_runs) + (SELECT count(*) FROM sync_runs) AS n",
+            )?;
             if rows == last {
                 break;
             }

@@ -69,7 +69,8 @@ pub struct Config {
     /// Which synchronous runs go to the run log.
     pub sync_run_log: SyncRunLog,
     /// Delete finished runs and their submissions older than this,
-    /// continuously; `None` keeps everything.
+    /// continuously (synchronous runs by whole days: up to a day longer);
+    /// `None` keeps everything.
     pub retain: Option<std::time::Duration>,
     /// TLS, API keys and reflection.
     pub security: security::Security,
@@ -77,8 +78,9 @@ pub struct Config {
     pub http_addr: Option<std::net::SocketAddr>,
 }
 
-/// Which synchronous runs `Process` records in `task_runs` (asynchronous
-/// runs are always recorded: they are the outbox).
+/// Which synchronous runs `Process` records in the run log, `sync_runs`
+/// (asynchronous runs are always recorded in `task_runs`: they are the
+/// outbox).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SyncRunLog {
     /// Every run: `GetRuns` shows them all. The default.

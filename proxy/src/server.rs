@@ -69,9 +69,11 @@ pub async fn run(
     let outbox = Outbox::new(registry.clone(), publisher, config.outbox_grace);
     let (run_log, run_log_writer) = RunLog::start(registry.clone(), RUN_LOG_BACKLOG_BYTES);
     let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
-    let pruner = config
-        .retain
-        .map(|retain| tokio::spawn(prune(registry.clone(), retain, relay_stopped.clone())));
+    let upkeep = tokio::spawn(upkeep(
+        registry.clone(),
+        config.retain,
+        relay_stopped.clone(),
+    ));
     let ops = match config.http_addr {
         Some(addr) => {
             let listener = crate::http::bind(addr).await?;
@@ -197,9 +199,7 @@ pub async fn run(
     if let Some(ops) = ops {
         let _ = ops.await;
     }
-    if let Some(pruner) = pruner {
-        let _ = pruner.await;
-    }
+    let _ = upkeep.await;
     if tokio::time::timeout(std::time::Duration::from_secs(10), run_log_writer)
         .await
         .is_err()
@@ -249,20 +249,56 @@ async fn run_stats(registry: Registry, mut stop: tokio::sync::watch::Receiver<bo
     }
 }
 
-/// Deletes what is finished and older than `retain`, every ten minutes, in
-/// batches of 1,000 (a pause between them), until `stop`.
-async fn prune(registry: Registry, retain: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let retain = chrono::Duration::from_std(retain).unwrap_or(chrono::Duration::MAX);
+/// Days of run log partitions made ahead of today: a stopped upkeep (or
+/// one whose locks keep timing out) has two days before rows start going
+/// to the default partition.
+const SYNC_RUN_DAYS_AHEAD: u32 = 2;
+
+/// Every ten minutes until `stop` (and at once): makes the run log's day
+/// partitions for today and the next [`SYNC_RUN_DAYS_AHEAD`] days, then,
+/// with `retain`, deletes what is finished and older, in batches of 1,000
+/// (a pause between them).
+async fn upkeep(
+    registry: Registry,
+    retain: Option<Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let retain = retain.map(|r| chrono::Duration::from_std(r).unwrap_or(chrono::Duration::MAX));
     while !*stop.borrow() {
-        loop {
+        let today = chrono::Utc::now().date_naive();
+        let prepare = registry.clone();
+        // A failed round (the database away, a lock not granted) is tried
+        // again sooner.
+        let mut pause = Duration::from_secs(600);
+        match tokio::task::spawn_blocking(move || {
+            prepare.prepare_sync_run_days(today, SYNC_RUN_DAYS_AHEAD)
+        })
+        .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(days)) => tracing::info!(days, "run log: day partitions created"),
+            Ok(Err(err)) => {
+                pause = Duration::from_secs(30);
+                tracing::warn!(error = %err, "run log: creating day partitions failed; trying again in 30 s")
+            }
+            Err(join) => {
+                tracing::error!(error = %join, "run log: creating day partitions panicked")
+            }
+        }
+        while let Some(retain) = retain {
             let cutoff = chrono::Utc::now()
                 .checked_sub_signed(retain)
                 .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
             let registry = registry.clone();
             match tokio::task::spawn_blocking(move || registry.prune(cutoff, 1000)).await {
-                Ok(Ok((0, 0))) => break,
-                Ok(Ok((runs, submissions))) => {
-                    tracing::info!(runs, submissions, "retention: deleted finished runs");
+                Ok(Ok(pruned)) if pruned.is_empty() => break,
+                Ok(Ok(pruned)) => {
+                    tracing::info!(
+                        runs = pruned.runs,
+                        submissions = pruned.submissions,
+                        days = pruned.days,
+                        "retention: deleted finished runs"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Ok(Err(err)) => {
@@ -279,7 +315,7 @@ async fn prune(registry: Registry, retain: Duration, mut stop: tokio::sync::watc
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => {}
         }
     }

@@ -58,10 +58,14 @@ pub(crate) fn run(command: RunsCommand) -> anyhow::Result<()> {
         RunsCommand::Prune { older_than, db } => {
             let cutoff = chrono::Utc::now()
                 - chrono::Duration::from_std(older_than).context("--older-than is too long")?;
-            let (runs, submissions) = Registry::new(&db.config())
+            let pruned = Registry::new(&db.config())
                 .prune_all(cutoff, 1000)
                 .context("pruning runs")?;
-            println!("deleted {runs} run(s) and {submissions} submission(s) older than {cutoff}");
+            println!(
+                "deleted {} run(s) and {} submission(s) older than {cutoff}, \
+                 and {} whole day(s) of synchronous runs",
+                pruned.runs, pruned.submissions, pruned.days
+            );
             Ok(())
         }
         RunsCommand::Retry { run, dead: _, db } => {

@@ -253,9 +253,9 @@ impl Service {
                         task_id: task.id,
                         task_name: task.name.clone(),
                         state: if outcome == PbOutcome::Succeeded {
-                            "succeeded"
+                            RunState::Succeeded
                         } else {
-                            "dead"
+                            RunState::Dead
                         },
                         last_error: (!error.is_empty()).then(|| error.clone()),
                         output: output.clone(),

@@ -1,6 +1,9 @@
 //! What the web console reads and changes: runs by filter with keyset
 //! pagination, one run with its attempt log, runs per minute, and a task's
-//! enabled flag.
+//! enabled flag. Runs come from both tables: the outbox (`task_runs`,
+//! asynchronous runs) and the run log (`sync_runs`, synchronous runs, the
+//! first record per submission and task; their creation time is their
+//! start).
 
 use chrono::{DateTime, Utc};
 use diesel::{
@@ -11,8 +14,8 @@ use uuid::Uuid;
 
 use super::{
     Registry, Run, RunState,
-    runs::run_attempts,
-    schema::{task_runs, tasks},
+    runs::{FIRST_RECORD, SYNC_COLUMNS, SyncRunRow, run_attempts},
+    schema::{sync_runs, task_runs, tasks},
 };
 use crate::error::RegistryError;
 
@@ -64,7 +67,8 @@ pub struct MinuteCount {
 impl Registry {
     /// Up to `limit` runs matching `filter`, newest first, created before
     /// `after` (the last row of the previous page: keyset pagination, no
-    /// OFFSET).
+    /// OFFSET). Each table gives its first `limit` in the same order, on
+    /// its own index, and the two are merged.
     pub fn runs_page(
         &self,
         filter: &RunFilter,
@@ -96,17 +100,87 @@ impl Registry {
                     .or(task_runs::created_at.eq(at).and(task_runs::id.lt(id))),
             );
         }
-        Ok(query.load(&mut conn)?)
+        let mut runs = query.load(&mut conn)?;
+        // Synchronous runs end succeeded or dead.
+        if filter
+            .state
+            .is_some_and(|s| s != RunState::Succeeded && s != RunState::Dead)
+        {
+            return Ok(runs);
+        }
+        // Placeholders are numbered as the binds are added.
+        let mut binds = 0;
+        let mut next = || {
+            binds += 1;
+            format!("${binds}")
+        };
+        let mut logged = diesel::sql_query(format!(
+            "SELECT {SYNC_COLUMNS} FROM sync_runs s WHERE {FIRST_RECORD}"
+        ))
+        .into_boxed::<diesel::pg::Pg>();
+        if let Some(form) = filter.form {
+            logged = logged
+                .sql(format!(" AND s.form_id = {}", next()))
+                .bind::<diesel::sql_types::Uuid, _>(form);
+        }
+        if let Some(task) = &filter.task {
+            logged = logged
+                .sql(format!(" AND s.task_name = {}", next()))
+                .bind::<Text, _>(task.clone());
+        }
+        if let Some(state) = filter.state {
+            logged = logged
+                .sql(format!(" AND s.state = {}", next()))
+                .bind::<Text, _>(state);
+        }
+        if let Some(since) = filter.since {
+            logged = logged
+                .sql(format!(" AND s.started_at >= {}", next()))
+                .bind::<Timestamptz, _>(since);
+        }
+        if let Some((at, id)) = after {
+            logged = logged
+                .sql(format!(
+                    " AND (s.started_at, s.id) < ({}, {})",
+                    next(),
+                    next()
+                ))
+                .bind::<Timestamptz, _>(at)
+                .bind::<diesel::sql_types::Uuid, _>(id);
+        }
+        let logged: Vec<SyncRunRow> = logged
+            .sql(format!(
+                " ORDER BY s.started_at DESC, s.id DESC LIMIT {}",
+                next()
+            ))
+            .bind::<BigInt, _>(limit)
+            .load(&mut conn)?;
+        if !logged.is_empty() {
+            runs.extend(logged.into_iter().map(Run::from));
+            runs.sort_by_key(|run| std::cmp::Reverse((run.created_at, run.id)));
+            runs.truncate(usize::try_from(limit).unwrap_or(0));
+        }
+        Ok(runs)
     }
 
-    /// One run, if it exists.
+    /// One run, if it exists: an asynchronous one, or a record of the run
+    /// log (also a replay's, which lists do not show).
     pub fn run(&self, id: Uuid) -> Result<Option<Run>, RegistryError> {
         let mut conn = self.conn()?;
-        Ok(task_runs::table
+        let run = task_runs::table
             .find(id)
             .select(Run::as_select())
             .first(&mut conn)
-            .optional()?)
+            .optional()?;
+        if run.is_some() {
+            return Ok(run);
+        }
+        Ok(sync_runs::table
+            .filter(sync_runs::id.eq(id))
+            .select(SyncRunRow::as_select())
+            .first(&mut conn)
+            .optional()?
+            .map(Run::from))
     }
 
     /// A run's executions, with their workers and errors, in order.
@@ -120,16 +194,26 @@ impl Registry {
     }
 
     /// Runs created in each minute of the last `minutes`, by standing.
+    /// Synchronous runs count by their start, every record of the run log:
+    /// a replayed submission's tasks ran again, and count again.
     pub fn runs_per_minute(&self, minutes: i64) -> Result<Vec<MinuteCount>, RegistryError> {
         let mut conn = self.conn()?;
         Ok(diesel::sql_query(
-            "SELECT date_trunc('minute', created_at) AS minute, \
-                    CASE WHEN state = 'succeeded' THEN 'succeeded' \
-                         WHEN state IN ('dead', 'failed', 'timed_out') THEN 'failed' \
-                         ELSE 'pending' END AS standing, \
-                    count(*) AS runs \
-             FROM task_runs WHERE created_at >= now() - make_interval(mins => $1::int) \
-             GROUP BY 1, 2 ORDER BY 1",
+            "SELECT minute, standing, sum(runs)::bigint AS runs FROM ( \
+                 SELECT date_trunc('minute', created_at) AS minute, \
+                        CASE WHEN state = 'succeeded' THEN 'succeeded' \
+                             WHEN state IN ('dead', 'failed', 'timed_out') THEN 'failed' \
+                             ELSE 'pending' END AS standing, \
+                        count(*) AS runs \
+                 FROM task_runs WHERE created_at >= now() - make_interval(mins => $1::int) \
+                 GROUP BY 1, 2 \
+                 UNION ALL \
+                 SELECT date_trunc('minute', started_at), \
+                        CASE WHEN state = 'succeeded' THEN 'succeeded' ELSE 'failed' END, \
+                        count(*) \
+                 FROM sync_runs WHERE started_at >= now() - make_interval(mins => $1::int) \
+                 GROUP BY 1, 2) m \
+             GROUP BY 1, 2 ORDER BY 1, 2",
         )
         .bind::<BigInt, _>(minutes)
         .load(&mut conn)?)

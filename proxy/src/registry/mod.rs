@@ -18,6 +18,7 @@ pub use console::{AttemptRecord, MinuteCount, RunFilter};
 pub use keys::{NewKey, StoredKey};
 pub use listen::Change;
 pub use rate::Pace;
+pub use retention::Pruned;
 pub use stats::RunStats;
 
 pub use runs::{

@@ -42,6 +42,21 @@ diesel::table! {
 }
 
 diesel::table! {
+    sync_runs (id, started_at) {
+        id -> Uuid,
+        submission_id -> Uuid,
+        form_id -> Uuid,
+        task_id -> Uuid,
+        task_name -> Text,
+        state -> Text,
+        error -> Nullable<Text>,
+        output -> Nullable<Jsonb>,
+        started_at -> Timestamptz,
+        finished_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     task_run_attempts (run_id, attempt, started_at) {
         run_id -> Uuid,
         attempt -> Int4,
@@ -107,6 +122,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     plugin_quarantines,
     rate_slots,
     submissions,
+    sync_runs,
     task_run_attempts,
     task_runs,
     tasks,

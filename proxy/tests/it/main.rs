@@ -17,6 +17,7 @@ mod hot_reload;
 mod ops;
 mod process;
 mod quotas;
+mod run_log;
 mod security;
 mod service;
 mod validation;

@@ -55,7 +55,7 @@ impl TestDb {
         self.db.execute(sql);
     }
 
-    /// The one text value `sql` selects.
+    /// A query of one text column, as with `psql -tAc`: its first row.
     pub fn query_one(&self, sql: &str) -> String {
         self.db.query_one(sql)
     }

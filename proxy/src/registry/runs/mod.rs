@@ -1,11 +1,16 @@
-//! Runs on one table, `task_runs` (with `submissions`,
-//! `task_run_attempts` and the view over both, `run_attempts`), split by the actor that queries them:
+//! Runs on two tables: asynchronous runs in `task_runs`, the outbox (with
+//! `submissions`, `task_run_attempts` and the view over both,
+//! `run_attempts`), and finished synchronous runs in `sync_runs`, the
+//! append-only run log partitioned by day. Split by the actor that queries
+//! them:
 //!
 //! - [`outbox`]: accepting submissions and publishing their runs (the
 //!   accepting proxy and the relay);
 //! - [`execution`]: claiming, leasing and finishing runs (the workers);
-//! - [`log`]: recording finished synchronous runs (the run log);
-//! - [`read`]: listing runs and attempts, retrying dead runs (`GetRuns`, the CLI).
+//! - [`log`]: recording finished synchronous runs (the run log) and
+//!   keeping its day partitions;
+//! - [`read`]: listing runs from both tables and attempts, retrying dead
+//!   runs (`GetRuns`, the CLI).
 //!
 //! This module holds what they share: the row and its state.
 
@@ -16,8 +21,10 @@ mod read;
 
 pub use execution::{ClaimRequest, Claimed, DeadLetter, Finish};
 pub use log::SyncRun;
+pub(crate) use log::SyncRunRow;
 pub use outbox::{Acceptance, Accepted, Replay};
 pub use read::Attempt;
+pub(crate) use read::{FIRST_RECORD, SYNC_COLUMNS};
 
 use chrono::{DateTime, Utc};
 use diesel::{
@@ -48,8 +55,9 @@ diesel::table! {
     }
 }
 
-/// Where a run is in its life: `task_runs.state`, a `text` column holding
-/// [`RunState::as_str`].
+/// Where a run is in its life: `task_runs.state` and `sync_runs.state`,
+/// `text` columns holding [`RunState::as_str`] (a synchronous run is only
+/// ever succeeded or dead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, AsExpression, FromSqlRow)]
 #[diesel(sql_type = Text)]
 pub enum RunState {
@@ -129,7 +137,8 @@ impl FromSql<Text, Pg> for RunState {
     }
 }
 
-/// A row of `task_runs`.
+/// A run: a row of `task_runs`, or a record of the run log (`sync_runs`)
+/// read as one (see `From<SyncRunRow>`).
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = task_runs, check_for_backend(diesel::pg::Pg))]
 pub struct Run {

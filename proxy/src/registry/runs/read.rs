@@ -1,53 +1,75 @@
 //! The read side: runs and their attempts for `GetRuns` and the CLI, and
-//! retrying dead runs.
+//! retrying dead runs. Asynchronous runs come from `task_runs`,
+//! synchronous ones from the run log, `sync_runs`, where a replayed
+//! submission may have more than one record per task: only the first (by
+//! `started_at`, then id) is shown.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::{Run, RunState, run_attempts};
+use super::{Run, RunState, log::SyncRunRow, run_attempts};
 use crate::{
     error::RegistryError,
     registry::{
-        Registry,
+        Registry, RunFilter,
         schema::{task_run_attempts, task_runs},
     },
 };
+
+/// The columns of `sync_runs s` that [`SyncRunRow`] reads.
+pub(crate) const SYNC_COLUMNS: &str = "s.id, s.submission_id, s.form_id, s.task_id, s.task_name, \
+     s.state, s.error, s.output, s.started_at, s.finished_at";
+
+/// True for the first record of its (submission, task) in the run log,
+/// `sync_runs s`: a replayed submission's later records are not shown. The
+/// probe is one lookup in `sync_runs_submission_idx` (of the partitions not
+/// later than the row's, pruned at run time).
+pub(crate) const FIRST_RECORD: &str = "NOT EXISTS (SELECT 1 FROM sync_runs e \
+     WHERE e.submission_id = s.submission_id AND e.task_id = s.task_id \
+       AND e.started_at <= s.started_at AND (e.started_at, e.id) < (s.started_at, s.id))";
 
 /// One execution of a run: (attempt, started, finished, outcome).
 pub type Attempt = (i32, DateTime<Utc>, DateTime<Utc>, String);
 
 impl Registry {
-    /// Every run of a submission, in creation order.
+    /// Every run of a submission, in creation order (a synchronous run is
+    /// created when it starts), one per task: asynchronous runs from the
+    /// outbox, synchronous ones the first record of each task in the run log.
     pub fn runs_for_submission(&self, submission: Uuid) -> Result<Vec<Run>, RegistryError> {
         let mut conn = self.conn()?;
-        Ok(task_runs::table
+        let mut runs = task_runs::table
             .filter(task_runs::submission_id.eq(submission))
             .order((task_runs::created_at, task_runs::id))
             .select(Run::as_select())
-            .load(&mut conn)?)
+            .load(&mut conn)?;
+        let logged: Vec<SyncRunRow> = diesel::sql_query(format!(
+            "SELECT DISTINCT ON (s.task_id) {SYNC_COLUMNS} FROM sync_runs s \
+             WHERE s.submission_id = $1 ORDER BY s.task_id, s.started_at, s.id"
+        ))
+        .bind::<diesel::sql_types::Uuid, _>(submission)
+        .load(&mut conn)?;
+        if !logged.is_empty() {
+            runs.extend(logged.into_iter().map(Run::from));
+            runs.sort_by_key(|run| (run.created_at, run.id));
+        }
+        Ok(runs)
     }
 
-    /// Runs, newest first, filtered by state and form.
+    /// Runs, newest first, filtered by state and form: the console's first
+    /// page of [`Registry::runs_page`].
     pub fn list_runs(
         &self,
         state: Option<RunState>,
         form: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<Run>, RegistryError> {
-        let mut conn = self.conn()?;
-        let mut query = task_runs::table
-            .order((task_runs::created_at.desc(), task_runs::id))
-            .limit(limit)
-            .select(Run::as_select())
-            .into_boxed();
-        if let Some(state) = state {
-            query = query.filter(task_runs::state.eq(state));
-        }
-        if let Some(form) = form {
-            query = query.filter(task_runs::form_id.eq(form));
-        }
-        Ok(query.load(&mut conn)?)
+        let filter = RunFilter {
+            form,
+            state,
+            ..RunFilter::default()
+        };
+        self.runs_page(&filter, None, limit)
     }
 
     /// Re-queues dead asynchronous runs (one, or all) with a fresh set of
