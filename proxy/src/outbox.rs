@@ -17,12 +17,15 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    backoff::Backoff,
     batch::Batcher,
     error::RegistryError,
-    queue::{Backoff, Outgoing, Publisher},
+    lifecycle::{Lifecycle, pause},
+    queue::{Outgoing, Publisher},
     registry::{Acceptance, Accepted, Registry, Replay, SyncRun},
 };
 
@@ -44,16 +47,28 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Starts `writers` writers; they stop when every `Acceptor` is dropped.
-    pub fn start(registry: Registry, grace: Duration, writers: usize) -> Acceptor {
-        let batcher = Batcher::start(writers, 256, move |requests: Vec<Acceptance>| {
-            let registry = registry.clone();
-            async move {
-                tokio::task::spawn_blocking(move || accept_split(&registry, &requests, grace))
-                    .await
-                    .expect("outbox write panicked")
-            }
-        });
+    /// Starts `writers` writers on `life`; they stop when every `Acceptor`
+    /// is dropped.
+    pub fn start(
+        registry: Registry,
+        grace: Duration,
+        writers: usize,
+        life: &Lifecycle,
+    ) -> Acceptor {
+        let batcher = Batcher::start(
+            life,
+            "outbox writer",
+            writers,
+            256,
+            move |requests: Vec<Acceptance>| {
+                let registry = registry.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || accept_split(&registry, &requests, grace))
+                        .await
+                        .expect("outbox write panicked")
+                }
+            },
+        );
         Acceptor { batcher }
     }
 
@@ -101,10 +116,14 @@ pub struct Outbox {
 
 impl Outbox {
     /// An outbox over `registry` publishing through `publisher`; starts the
-    /// task that publishes freshly accepted runs.
-    pub fn new(registry: Registry, publisher: Arc<Publisher>) -> Outbox {
+    /// task that publishes freshly accepted runs on `life` (it ends when
+    /// every `Outbox` is dropped).
+    pub fn new(registry: Registry, publisher: Arc<Publisher>, life: &Lifecycle) -> Outbox {
         let (fresh, rx) = mpsc::channel(65_536);
-        tokio::spawn(publish_fresh(registry.clone(), publisher.clone(), rx));
+        life.spawn(
+            "fresh publisher",
+            publish_fresh(registry.clone(), publisher.clone(), rx),
+        );
         Outbox {
             registry,
             publisher,
@@ -130,11 +149,11 @@ impl Outbox {
         interval: Duration,
         stale: Duration,
         batch: i64,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
         let mut failing = false;
         let mut next_sweep = tokio::time::Instant::now() + stale / 4;
-        while !*shutdown.borrow() {
+        while !shutdown.is_cancelled() {
             if tokio::time::Instant::now() >= next_sweep {
                 next_sweep = tokio::time::Instant::now() + stale / 4;
                 let registry = self.registry.clone();
@@ -183,10 +202,7 @@ impl Outbox {
                 }
             };
             if !full {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = shutdown.changed() => {}
-                }
+                pause(&shutdown, interval).await;
             }
         }
     }
@@ -263,12 +279,13 @@ fn record_bytes(run: &SyncRun) -> usize {
 }
 
 impl RunLog {
-    /// Starts the writer; it holds up to `capacity_bytes` of records while
-    /// the database is away and stops once every `RunLog` is dropped and the
-    /// backlog is written.
+    /// Starts the writer on `life`; it holds up to `capacity_bytes` of
+    /// records while the database is away and stops once every `RunLog` is
+    /// dropped and the backlog is written.
     pub fn start(
         registry: Registry,
         capacity_bytes: usize,
+        life: &Lifecycle,
     ) -> (RunLog, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog {
@@ -281,7 +298,7 @@ impl RunLog {
                 tx,
                 backlog: backlog.clone(),
             },
-            tokio::spawn(write(registry, rx, backlog)),
+            life.spawn("run log writer", write(registry, rx, backlog)),
         )
     }
 
@@ -319,7 +336,7 @@ async fn write(
     backlog: Arc<Backlog>,
 ) {
     let mut received = Vec::with_capacity(1000);
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::reconnect();
     // Whatever piled up during the previous write goes in the next one.
     while rx.recv_many(&mut received, 1000).await > 0 {
         let bytes: usize = received.iter().map(|(_, size)| size).sum();

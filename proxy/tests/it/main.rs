@@ -19,4 +19,5 @@ mod process;
 mod quotas;
 mod security;
 mod service;
+mod shutdown;
 mod validation;
