@@ -43,6 +43,17 @@ pub(crate) type Backoffs = HashMap<Uuid, (u32, Instant)>;
 /// down or failing, not one submission.
 const DAISY_DOWN_AFTER: usize = 3;
 
+/// The resender's one backoff, for the whole resender and for each
+/// submission: `interval × 2^doublings`, capped at `max_backoff`. (Daisy's
+/// own `proxy::backoff` is the same arithmetic; this crate does not depend
+/// on the server's, and its waits have no jitter: one resender per backend.)
+fn wait_after(resend: &Resend, doublings: u32) -> Duration {
+    resend
+        .interval
+        .saturating_mul(1 << doublings.min(16))
+        .min(resend.max_backoff)
+}
+
 impl PostSubmission {
     /// Starts the resender on the current runtime; it runs until aborted.
     ///
@@ -55,12 +66,13 @@ impl PostSubmission {
     pub fn spawn_resender(&self, resend: Resend) -> tokio::task::JoinHandle<()> {
         let daisy = self.clone();
         tokio::spawn(async move {
-            let mut wait = resend.interval;
+            // Passes that failed in a row.
+            let mut failed = 0;
             loop {
-                tokio::time::sleep(wait).await;
-                wait = match daisy.resend_pass(&resend).await {
-                    Ok(_) => resend.interval,
-                    Err(()) => (wait * 2).min(resend.max_backoff),
+                tokio::time::sleep(wait_after(&resend, failed)).await;
+                failed = match daisy.resend_pass(&resend).await {
+                    Ok(_) => 0,
+                    Err(()) => failed.saturating_add(1),
                 };
             }
         })
@@ -121,10 +133,7 @@ impl PostSubmission {
                     let mut backoff = self.backoff.lock().expect("backoff lock");
                     let (failures, next) = backoff.entry(id).or_insert((0, Instant::now()));
                     *failures += 1;
-                    let delay = resend
-                        .interval
-                        .saturating_mul(1 << (*failures - 1).min(16))
-                        .min(resend.max_backoff);
+                    let delay = wait_after(resend, *failures - 1);
                     *next = Instant::now() + delay;
                     tracing::warn!(submission.id = %id, error = %err, retry_in_ms = delay.as_millis() as u64, "re-sending to Daisy failed");
                     if failed_in_a_row >= DAISY_DOWN_AFTER {

@@ -7,9 +7,12 @@ use std::{future::Future, sync::Arc};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::lifecycle::Lifecycle;
+
 type Reply<Resp> = oneshot::Sender<Resp>;
 
-/// A handle to the writers; they stop when every handle is dropped.
+/// A handle to the writers; they stop when every handle is dropped (not on
+/// the shutdown signal: what callers handed them is written first).
 pub struct Batcher<Req, Resp> {
     tx: mpsc::Sender<(Req, Reply<Resp>)>,
 }
@@ -32,18 +35,25 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// Starts `writers` writers, each taking up to `max` waiting requests
     /// at a time and answering them with `write`, which returns one answer
     /// per request, in order. Answers it leaves out (a shorter vector, say
-    /// on shutdown) reach their callers as `None`.
-    pub fn start<F, Fut>(writers: usize, max: usize, write: F) -> Self
+    /// on shutdown) reach their callers as `None`. The writers run on
+    /// `life`, tracked as `name`.
+    pub fn start<F, Fut>(
+        life: &Lifecycle,
+        name: &'static str,
+        writers: usize,
+        max: usize,
+        write: F,
+    ) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Resp>> + Send,
+        Fut: Future<Output = Vec<Resp>> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<(Req, Reply<Resp>)>(4096);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let write = Arc::new(write);
         for _ in 0..writers.max(1) {
             let (rx, write) = (rx.clone(), write.clone());
-            tokio::spawn(async move {
+            life.spawn(name, async move {
                 let mut batch = Vec::with_capacity(max);
                 loop {
                     if rx.lock().await.recv_many(&mut batch, max).await == 0 {

@@ -27,10 +27,12 @@ use std::{
 
 use lru::LruCache;
 
+use tokio_util::sync::DropGuard;
 use uuid::Uuid;
 
 use crate::{
     error::RegistryError,
+    lifecycle::Lifecycle,
     registry::{Change, Registry, TaskDef},
 };
 
@@ -109,7 +111,10 @@ impl State {
 pub struct Catalog {
     registry: Registry,
     state: Arc<State>,
-    stop: Arc<AtomicBool>,
+    /// Stops the listener when the catalog goes, if shutdown has not yet:
+    /// it notices within one poll and closes its connection; no join, so
+    /// dropping never blocks the runtime.
+    _listener: DropGuard,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -119,21 +124,28 @@ impl std::fmt::Debug for Catalog {
 }
 
 impl Catalog {
-    /// Starts the change listener; `on_change` runs after each reported change.
-    pub fn start(registry: Registry, on_change: impl Fn(Change) + Send + 'static) -> Catalog {
+    /// Starts the change listener, a thread on `life` that stops with it
+    /// (or with the catalog); `on_change` runs after each reported change.
+    pub fn start(
+        registry: Registry,
+        life: &Lifecycle,
+        on_change: impl Fn(Change) + Send + 'static,
+    ) -> Catalog {
         let state = Arc::new(State::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        registry.listen(Duration::from_millis(500), stop.clone(), {
-            let state = state.clone();
-            move |change| {
-                state.apply(change);
-                on_change(change);
+        let stop = life.token().child_token();
+        life.spawn_thread("listen", {
+            let (registry, state, stop) = (registry.clone(), state.clone(), stop.clone());
+            move || {
+                registry.listen(Duration::from_millis(500), &stop, |change| {
+                    state.apply(change);
+                    on_change(change);
+                });
             }
         });
         Catalog {
             registry,
             state,
-            stop,
+            _listener: stop.drop_guard(),
         }
     }
 
@@ -181,13 +193,5 @@ impl Catalog {
     pub fn sizes(&self) -> (usize, usize) {
         let forms = self.state.forms.lock().expect("catalog lock poisoned");
         (forms.known.len(), forms.unknown.len())
-    }
-}
-
-impl Drop for Catalog {
-    fn drop(&mut self) {
-        // The listener notices within one poll and closes its connection; no
-        // join, so dropping never blocks the runtime.
-        self.stop.store(true, Ordering::Relaxed);
     }
 }

@@ -12,10 +12,13 @@
 //! - [`plugins`]: the plugin-host layer: runs plugin code in supervised
 //!   host processes (or in-process, where a task opts in).
 //! - [`batch`]: group commit of concurrent callers' database writes.
+//! - [`lifecycle`]: the one stop signal and task tracker of serve and worker.
+//! - [`backoff`]: the one exponential backoff (reconnects, respawns, retries).
 //! - [`http`] and [`metrics`]: the operations listener and Prometheus metrics.
 //! - [`error`]: the error types.
 
 pub mod auth;
+pub mod backoff;
 pub mod batch;
 pub mod catalog;
 pub mod console;
@@ -23,11 +26,13 @@ pub mod error;
 pub mod executor;
 pub mod grpc;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod outbox;
 pub mod plugins;
 pub mod queue;
 pub mod registry;
+pub mod run_log;
 pub mod scaffold;
 pub mod security;
 pub mod server;
@@ -76,6 +81,9 @@ pub struct Config {
     pub security: security::Security,
     /// Where the operations listener (metrics, health) listens, if at all.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// How long shutdown waits for in-flight calls and background tasks
+    /// before it leaves what did not stop.
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// Which synchronous runs `Process` records in the run log, `sync_runs`

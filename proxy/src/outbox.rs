@@ -1,5 +1,5 @@
-//! The proxy's side of "nothing lost": publishing accepted runs, the relay
-//! that publishes whatever was not confirmed, and the run log writer.
+//! The proxy's side of "nothing lost": accepting submissions, publishing
+//! their runs, and the relay that publishes whatever was not confirmed.
 //!
 //! PostgreSQL is the source of truth. `Process` commits its runs first
 //! ([`crate::registry::Registry::accept`]), answers, and publishes them in the
@@ -9,23 +9,18 @@
 //! `FOR UPDATE SKIP LOCKED` so any number of proxies can run it side by side.
 //! A run published twice is harmless: workers claim runs conditionally.
 
-use std::{
-    collections::VecDeque,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
     batch::Batcher,
     error::RegistryError,
-    queue::{Backoff, Outgoing, Publisher},
-    registry::{Acceptance, Accepted, Registry, Replay, SyncRun},
+    lifecycle::{Lifecycle, pause},
+    queue::{Outgoing, Publisher},
+    registry::{Acceptance, Accepted, Registry, Replay},
 };
 
 /// What accepting one submission came to: its runs, a refused replay, or
@@ -46,16 +41,28 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Starts `writers` writers; they stop when every `Acceptor` is dropped.
-    pub fn start(registry: Registry, grace: Duration, writers: usize) -> Acceptor {
-        let batcher = Batcher::start(writers, 256, move |requests: Vec<Acceptance>| {
-            let registry = registry.clone();
-            async move {
-                tokio::task::spawn_blocking(move || accept_split(&registry, &requests, grace))
-                    .await
-                    .expect("outbox write panicked")
-            }
-        });
+    /// Starts `writers` writers on `life`; they stop when every `Acceptor`
+    /// is dropped.
+    pub fn start(
+        registry: Registry,
+        grace: Duration,
+        writers: usize,
+        life: &Lifecycle,
+    ) -> Acceptor {
+        let batcher = Batcher::start(
+            life,
+            "outbox writer",
+            writers,
+            256,
+            move |requests: Vec<Acceptance>| {
+                let registry = registry.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || accept_split(&registry, &requests, grace))
+                        .await
+                        .expect("outbox write panicked")
+                }
+            },
+        );
         Acceptor { batcher }
     }
 
@@ -103,17 +110,21 @@ pub struct Outbox {
 
 impl Outbox {
     /// An outbox over `registry` publishing through `publisher`; starts the
-    /// task that publishes freshly accepted runs. The broker's confirmations
-    /// are recorded half-way through `grace`, the time the relay leaves new
-    /// runs to the accepting proxy.
-    pub fn new(registry: Registry, publisher: Arc<Publisher>, grace: Duration) -> Outbox {
+    /// task that publishes freshly accepted runs on `life` (it ends when
+    /// every `Outbox` is dropped). The broker's confirmations are recorded
+    /// half-way through `grace`, the time the relay leaves new runs to the
+    /// accepting proxy.
+    pub fn new(
+        registry: Registry,
+        publisher: Arc<Publisher>,
+        grace: Duration,
+        life: &Lifecycle,
+    ) -> Outbox {
         let (fresh, rx) = mpsc::channel(65_536);
-        tokio::spawn(publish_fresh(
-            registry.clone(),
-            publisher.clone(),
-            rx,
-            grace / 2,
-        ));
+        life.spawn(
+            "fresh publisher",
+            publish_fresh(registry.clone(), publisher.clone(), rx, grace / 2),
+        );
         Outbox {
             registry,
             publisher,
@@ -139,11 +150,11 @@ impl Outbox {
         interval: Duration,
         stale: Duration,
         batch: i64,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
         let mut failing = false;
         let mut next_sweep = tokio::time::Instant::now() + stale / 4;
-        while !*shutdown.borrow() {
+        while !shutdown.is_cancelled() {
             if tokio::time::Instant::now() >= next_sweep {
                 next_sweep = tokio::time::Instant::now() + stale / 4;
                 let registry = self.registry.clone();
@@ -192,10 +203,7 @@ impl Outbox {
                 }
             };
             if !full {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = shutdown.changed() => {}
-                }
+                pause(&shutdown, interval).await;
             }
         }
     }
@@ -275,171 +283,4 @@ async fn mark(registry: &Registry, runs: Vec<Uuid>) {
         // Harmless: the relay publishes them again after the grace period.
         tracing::warn!(error = %err, "recording published runs failed");
     }
-}
-
-/// Records finished synchronous runs behind the response, in batches.
-///
-/// The writer never wedges on one record: a batch that fails for any
-/// reason but a transient one is split until the records that cannot be
-/// stored stand alone; those are dropped, each with an error log line, and
-/// counted ([`RunLog::dropped`]). Transient failures (the database away)
-/// keep the batch and retry it with backoff.
-///
-/// The backlog is bounded in bytes, not records (one task's output may be
-/// a megabyte, another's a few bytes). Overflow policy: while the backlog is
-/// full (the database has been away for long), new records are dropped,
-/// counted, and logged (the first, then every thousandth); calls are never
-/// delayed for the log.
-#[derive(Debug, Clone)]
-pub struct RunLog {
-    tx: mpsc::UnboundedSender<(SyncRun, usize)>,
-    backlog: Arc<Backlog>,
-}
-
-/// The run log's backlog accounting, shared by callers and the writer.
-#[derive(Debug)]
-struct Backlog {
-    bytes: std::sync::atomic::AtomicUsize,
-    capacity: usize,
-    dropped: AtomicU64,
-}
-
-impl Backlog {
-    fn drop_one(&self, run: &SyncRun, why: &str) {
-        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        if dropped == 1 || dropped % 1000 == 0 {
-            tracing::error!(run.id = %run.id, task.name = %run.task_name, dropped, "{why}; a synchronous run goes unrecorded");
-        }
-    }
-}
-
-/// Roughly what a record costs held in memory and written.
-fn record_bytes(run: &SyncRun) -> usize {
-    let output = run
-        .output
-        .as_ref()
-        .map_or(0, |o| serde_json::to_vec(o).map_or(0, |v| v.len()));
-    256 + run.task_name.len() + run.last_error.as_ref().map_or(0, String::len) + output
-}
-
-impl RunLog {
-    /// Starts the writer; it holds up to `capacity_bytes` of records while
-    /// the database is away and stops once every `RunLog` is dropped and the
-    /// backlog is written.
-    pub fn start(
-        registry: Registry,
-        capacity_bytes: usize,
-    ) -> (RunLog, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let backlog = Arc::new(Backlog {
-            bytes: std::sync::atomic::AtomicUsize::new(0),
-            capacity: capacity_bytes,
-            dropped: AtomicU64::new(0),
-        });
-        (
-            RunLog {
-                tx,
-                backlog: backlog.clone(),
-            },
-            tokio::spawn(write(registry, rx, backlog)),
-        )
-    }
-
-    /// Queues records without waiting; while the backlog is full they are
-    /// dropped (see the overflow policy above).
-    pub fn record(&self, runs: Vec<SyncRun>) {
-        for run in runs {
-            let size = record_bytes(&run);
-            let held = self.backlog.bytes.fetch_add(size, Ordering::AcqRel);
-            if held + size > self.backlog.capacity {
-                self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
-                self.backlog.drop_one(&run, "run log backlog full");
-                continue;
-            }
-            if self.tx.send((run, size)).is_err() {
-                self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// Bytes of records waiting to be written.
-    pub fn backlog_bytes(&self) -> usize {
-        self.backlog.bytes.load(Ordering::Acquire)
-    }
-
-    /// How many records were dropped: refused by the database, or over the backlog.
-    pub fn dropped(&self) -> u64 {
-        self.backlog.dropped.load(Ordering::Relaxed)
-    }
-}
-
-async fn write(
-    registry: Registry,
-    mut rx: mpsc::UnboundedReceiver<(SyncRun, usize)>,
-    backlog: Arc<Backlog>,
-) {
-    let mut received = Vec::with_capacity(1000);
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    // Whatever piled up during the previous write goes in the next one.
-    while rx.recv_many(&mut received, 1000).await > 0 {
-        let bytes: usize = received.iter().map(|(_, size)| size).sum();
-        let mut batch: Vec<SyncRun> = received.drain(..).map(|(run, _)| run).collect();
-        loop {
-            let (registry, runs, log) = (
-                registry.clone(),
-                std::mem::take(&mut batch),
-                backlog.clone(),
-            );
-            let written =
-                tokio::task::spawn_blocking(move || record_split(&registry, runs, &log)).await;
-            match written {
-                Ok(None) => {
-                    backoff.reset();
-                    break;
-                }
-                Ok(Some((err, runs))) => {
-                    tracing::warn!(error = %err, pending = runs.len(), "writing the run log failed; retrying");
-                    batch = runs;
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Err(join) => {
-                    tracing::error!(error = %join, "run log writer panicked; batch lost");
-                    break;
-                }
-            }
-        }
-        backlog.bytes.fetch_sub(bytes, Ordering::AcqRel);
-    }
-}
-
-/// Writes `runs`, splitting a batch that fails deterministically so that
-/// only the records the database refuses are dropped. Returns what is left
-/// to write, with the error, when the database is away.
-fn record_split(
-    registry: &Registry,
-    mut runs: Vec<SyncRun>,
-    backlog: &Backlog,
-) -> Option<(RegistryError, Vec<SyncRun>)> {
-    let err = match registry.record_sync_runs(&runs) {
-        Ok(()) => return None,
-        Err(err) if err.is_transient() => return Some((err, runs)),
-        Err(err) => err,
-    };
-    if runs.len() == 1 {
-        backlog.dropped.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            error = %err,
-            run.id = %runs[0].id,
-            task.name = %runs[0].task_name,
-            submission.id = %runs[0].submission_id,
-            "the database refused a run log record; it is dropped"
-        );
-        return None;
-    }
-    let right = runs.split_off(runs.len() / 2);
-    if let Some((err, mut left)) = record_split(registry, runs, backlog) {
-        left.extend(right);
-        return Some((err, left));
-    }
-    record_split(registry, right, backlog)
 }

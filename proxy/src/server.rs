@@ -1,10 +1,18 @@
 //! Assembles and runs the gRPC server.
+//!
+//! Shutdown (see [`crate::lifecycle`]): the signal cancels the lifecycle's
+//! token; the gRPC server stops accepting and drains the calls in flight,
+//! the relay, statistics, retention and the operations listener stop, and
+//! the writers (outbox, fresh publishes, run log) flush and end once the
+//! service that feeds them is gone. All of it within `shutdown_grace`;
+//! then the plugin hosts are stopped.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use proto::v1::post_sub_proxy_server::PostSubProxyServer;
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tokio_util::sync::CancellationToken;
 
 use anyhow::Context;
 
@@ -14,10 +22,12 @@ use crate::{
     catalog::Catalog,
     executor::Executor,
     grpc::{Service, edge_statuses},
-    outbox::{Acceptor, Outbox, RunLog},
+    lifecycle::{Lifecycle, pause},
+    outbox::{Acceptor, Outbox},
     plugins::Plugins,
     queue::Publisher,
     registry::{Change, Registry},
+    run_log::RunLog,
     security::tls_incoming,
 };
 
@@ -31,12 +41,17 @@ const MAX_STREAMS: u32 = 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Serves `PostSubProxy`, health and reflection on `listener` until
-/// `shutdown` completes; then stops accepting and lets in-flight calls finish.
+/// `shutdown` completes; then stops accepting and lets in-flight calls
+/// finish (for up to `config.shutdown_grace`).
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let life = Lifecycle::new();
+    // However `run` ends, nothing it started goes on unasked.
+    let _stop_on_return = life.token().clone().drop_guard();
+    life.stop_on(shutdown);
     let registry = Registry::new(&config.db);
     let plugins = Arc::new(Plugins::new(
         &config.plugins_dir,
@@ -49,7 +64,7 @@ pub async fn run(
         )),
         AuthMode::None => None,
     };
-    let catalog = Arc::new(Catalog::start(registry.clone(), {
+    let catalog = Arc::new(Catalog::start(registry.clone(), &life, {
         let (plugins, keys) = (plugins.clone(), keys.clone());
         move |change| {
             if let Change::Form(form) = change {
@@ -66,51 +81,50 @@ pub async fn run(
     plugins.record_quarantines_in(registry.clone());
     let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks);
     let publisher = Arc::new(Publisher::new(config.queue.clone()));
-    let outbox = Outbox::new(registry.clone(), publisher, config.outbox_grace);
-    let (run_log, run_log_writer) = RunLog::start(registry.clone(), RUN_LOG_BACKLOG_BYTES);
-    let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
-    let upkeep = tokio::spawn(upkeep(
-        registry.clone(),
-        config.retain,
-        relay_stopped.clone(),
-    ));
-    let ops = match config.http_addr {
-        Some(addr) => {
-            let listener = crate::http::bind(addr).await?;
-            let ready: crate::http::Check = {
+    let outbox = Outbox::new(registry.clone(), publisher, config.outbox_grace, &life);
+    let (run_log, _) = RunLog::start(registry.clone(), RUN_LOG_BACKLOG_BYTES, &life);
+    life.spawn(
+        "upkeep",
+        upkeep(registry.clone(), config.retain, life.token().clone()),
+    );
+    if let Some(addr) = config.http_addr {
+        let listener = crate::http::bind(addr).await?;
+        let ready: crate::http::Check = {
+            let registry = registry.clone();
+            Arc::new(move || {
                 let registry = registry.clone();
-                Arc::new(move || {
-                    let registry = registry.clone();
-                    Box::pin(async move { database_ready(registry).await })
-                })
-            };
-            let mut stop = relay_stopped.clone();
-            let shutdown = async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            };
-            crate::metrics::install()?;
-            let console =
-                crate::console::Console::new(registry.clone(), plugins.clone(), keys.clone())?
-                    .router();
-            tokio::spawn(run_stats(registry.clone(), relay_stopped.clone()));
-            Some(tokio::spawn(crate::http::serve(
+                Box::pin(async move { database_ready(registry).await })
+            })
+        };
+        crate::metrics::install()?;
+        let console =
+            crate::console::Console::new(registry.clone(), plugins.clone(), keys.clone())?.router();
+        life.spawn(
+            "run statistics",
+            run_stats(registry.clone(), life.token().clone()),
+        );
+        life.spawn(
+            "operations listener",
+            crate::http::serve(
                 listener,
                 ready,
                 Some(console),
-                shutdown,
-            )))
-        }
-        None => None,
-    };
-    let relay = tokio::spawn(outbox.clone().relay(
-        config.relay_interval,
-        config.stale_after,
-        500,
-        relay_stopped,
-    ));
+                life.token().clone().cancelled_owned(),
+            ),
+        );
+    }
+    life.spawn(
+        "relay",
+        outbox.clone().relay(
+            config.relay_interval,
+            config.stale_after,
+            500,
+            life.token().clone(),
+        ),
+    );
     // Half the pool writes the outbox; the rest serves lookups and the relay.
     let writers = (config.db.pool_size as usize / 2).max(1);
-    let acceptor = Acceptor::start(registry.clone(), config.outbox_grace, writers);
+    let acceptor = Acceptor::start(registry.clone(), config.outbox_grace, writers, &life);
     // GetRuns reads through a small pool of its own: a burst of reads never
     // takes the connections the writers need, nor the other way round.
     let reads = Registry::new(&crate::DbConfig {
@@ -173,12 +187,17 @@ pub async fn run(
         .add_optional_service(reflection)
         .add_optional_service(reflection_alpha)
         .add_service(service);
-    match &config.security.tls {
+    // Served on the lifecycle: it stops accepting on the token and ends
+    // once the calls in flight are answered, dropping the service, and with
+    // it the senders of the outbox and run log writers, which then flush.
+    let drained = life.token().clone().cancelled_owned();
+    let mut server = match &config.security.tls {
         Some(tls) => {
             let acceptor = tls.acceptor().context("configuring TLS")?;
-            router
-                .serve_with_incoming_shutdown(tls_incoming(listener, acceptor), shutdown)
-                .await?;
+            life.spawn(
+                "gRPC server",
+                router.serve_with_incoming_shutdown(tls_incoming(listener, acceptor), drained),
+            )
         }
         None => {
             // Small HTTP/2 frames go out at once: without TCP_NODELAY, Nagle's
@@ -188,27 +207,25 @@ pub async fn run(
                 stream.set_nodelay(true)?;
                 Ok::<_, std::io::Error>(stream)
             });
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await?;
+            life.spawn(
+                "gRPC server",
+                router.serve_with_incoming_shutdown(incoming, drained),
+            )
         }
-    }
-    // The service (and its run log sender) is gone: the writer flushes and ends.
-    let _ = stop_relay.send(true);
-    let _ = relay.await;
-    if let Some(ops) = ops {
-        let _ = ops.await;
-    }
-    let _ = upkeep.await;
-    if tokio::time::timeout(std::time::Duration::from_secs(10), run_log_writer)
-        .await
-        .is_err()
-    {
-        tracing::warn!("gave up flushing the run log after 10 s");
-    }
+    };
+    let failed = tokio::select! {
+        () = life.token().cancelled() => None,
+        served = &mut server => Some(served),
+    };
+    let stopped = life.shut_down(config.shutdown_grace).await;
     plugins.shutdown();
-    tracing::info!("daisy stopped");
-    Ok(())
+    tracing::info!(clean = stopped, "daisy stopped");
+    match failed {
+        Some(served) => Ok(served??),
+        // Calls still in flight past the deadline are left unanswered.
+        None if !server.is_finished() => Ok(()),
+        None => Ok(server.await??),
+    }
 }
 
 /// Ready when the database answers within a second.
@@ -223,9 +240,9 @@ pub async fn database_ready(registry: Registry) -> Result<(), String> {
 
 /// Sets the run and outbox gauges from [`Registry::run_stats`] every 15 s
 /// until `stop`.
-async fn run_stats(registry: Registry, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn run_stats(registry: Registry, stop: CancellationToken) {
     use crate::metrics::{OUTBOX_OLDEST_AGE, OUTBOX_UNPUBLISHED, RUNS_BY_STATE};
-    while !*stop.borrow() {
+    while !stop.is_cancelled() {
         let reading = registry.clone();
         match tokio::task::spawn_blocking(move || reading.run_stats()).await {
             Ok(Ok(stats)) => {
@@ -242,10 +259,7 @@ async fn run_stats(registry: Registry, mut stop: tokio::sync::watch::Receiver<bo
             Ok(Err(err)) => tracing::debug!(error = %err, "reading run statistics failed"),
             Err(join) => tracing::error!(error = %join, "reading run statistics panicked"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
-            _ = stop.changed() => {}
-        }
+        pause(&stop, Duration::from_secs(15)).await;
     }
 }
 
@@ -258,18 +272,14 @@ const SYNC_RUN_DAYS_AHEAD: u32 = 2;
 /// partitions for today and the next [`SYNC_RUN_DAYS_AHEAD`] days, then,
 /// with `retain`, deletes what is finished and older, in batches of 1,000
 /// (a pause between them).
-async fn upkeep(
-    registry: Registry,
-    retain: Option<Duration>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn upkeep(registry: Registry, retain: Option<Duration>, stop: CancellationToken) {
     let retain = retain.map(|r| chrono::Duration::from_std(r).unwrap_or(chrono::Duration::MAX));
-    while !*stop.borrow() {
+    while !stop.is_cancelled() {
         let today = chrono::Utc::now().date_naive();
         let prepare = registry.clone();
         // A failed round (the database away, a lock not granted) is tried
         // again sooner.
-        let mut pause = Duration::from_secs(600);
+        let mut wait = Duration::from_secs(600);
         match tokio::task::spawn_blocking(move || {
             prepare.prepare_sync_run_days(today, SYNC_RUN_DAYS_AHEAD)
         })
@@ -278,7 +288,7 @@ async fn upkeep(
             Ok(Ok(0)) => {}
             Ok(Ok(days)) => tracing::info!(days, "run log: day partitions created"),
             Ok(Err(err)) => {
-                pause = Duration::from_secs(30);
+                wait = Duration::from_secs(30);
                 tracing::warn!(error = %err, "run log: creating day partitions failed; trying again in 30 s")
             }
             Err(join) => {
@@ -310,13 +320,10 @@ async fn upkeep(
                     break;
                 }
             }
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => {}
-        }
+        pause(&stop, wait).await;
     }
 }

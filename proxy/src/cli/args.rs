@@ -206,6 +206,11 @@ pub(crate) struct WorkerArgs {
     /// re-queues a run whose lease expired.
     #[arg(long, env = "DAISY_LEASE_SECS", default_value_t = 30)]
     pub(crate) lease_secs: u64,
+    /// On SIGTERM or ctrl-c, how long to wait for the runs in flight to finish
+    /// before exiting anyway, in seconds (keep it below the orchestrator's
+    /// kill timeout: Kubernetes' default grace period is 30 s).
+    #[arg(long, env = "DAISY_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub(crate) shutdown_grace_secs: u64,
     /// Serve /metrics, /healthz and /readyz here (loopback only); off if
     /// not given.
     #[arg(long, env = "DAISY_HTTP_ADDR")]
@@ -285,6 +290,11 @@ pub(crate) struct ServeArgs {
     /// shows every run) or `failed` (one row less per successful task run).
     #[arg(long, env = "DAISY_SYNC_RUN_LOG", value_enum, default_value = "all")]
     pub(crate) sync_run_log: proxy::SyncRunLog,
+    /// On SIGTERM or ctrl-c, how long to wait for the calls in flight to finish
+    /// before exiting anyway, in seconds (keep it below the orchestrator's
+    /// kill timeout: Kubernetes' default grace period is 30 s).
+    #[arg(long, env = "DAISY_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub(crate) shutdown_grace_secs: u64,
     /// Serve /metrics, /healthz and /readyz here (loopback only); off if
     /// not given.
     #[arg(long, env = "DAISY_HTTP_ADDR")]

@@ -24,7 +24,14 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down: finishing in-flight calls");
+    tracing::info!("shutting down: finishing the work in flight");
+}
+
+/// Drops the runtime of `serve` or `worker` without waiting for what its
+/// shutdown deadline already gave up on: a blocking call that never
+/// returns (a hung in-process plugin, say) must not keep the process alive.
+fn leave(runtime: tokio::runtime::Runtime) {
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
 }
 
 /// A plugin layer for the CLI's one-shot looks at the plugins directory

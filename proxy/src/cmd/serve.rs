@@ -5,13 +5,13 @@ use std::time::Duration;
 use anyhow::Context;
 use proxy::Config;
 
-use super::shutdown_signal;
+use super::{leave, shutdown_signal};
 use crate::cli::ServeArgs;
 
 /// `daisy serve`.
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.addr)
             .await
             .with_context(|| format!("listening on {}", args.addr))?;
@@ -53,7 +53,10 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .then(|| Duration::from_secs(args.retain_days.saturating_mul(86_400))),
             security,
             http_addr: args.http_addr,
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         };
         proxy::run(listener, config, shutdown_signal()).await
-    })
+    });
+    leave(runtime);
+    served
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use proxy::worker::WorkerConfig;
 
-use super::shutdown_signal;
+use super::{leave, shutdown_signal};
 use crate::cli::WorkerArgs;
 
 /// `daisy worker`.
@@ -24,12 +24,14 @@ pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
         max_crashes: args.max_crashes.max(1),
         lease: Duration::from_secs(args.lease_secs.max(1)),
         http_addr: args.http_addr,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         name: args.name.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!("{}-{}", host.trim(), std::process::id())
         }),
     };
-    tokio::runtime::Runtime::new()
-        .context("starting the runtime")?
-        .block_on(proxy::worker::run(config, shutdown_signal()))
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let worked = runtime.block_on(proxy::worker::run(config, shutdown_signal()));
+    leave(runtime);
+    worked
 }

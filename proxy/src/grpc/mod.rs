@@ -26,9 +26,10 @@ use crate::{
     auth::{Key, Keys},
     catalog::Catalog,
     executor::{Executor, Outcome, Submission},
-    outbox::{Acceptor, Outbox, RunLog},
+    outbox::{Acceptor, Outbox},
     queue::Outgoing,
     registry::{Acceptance, Registry, Replay, RunState, SyncRun, TaskDef},
+    run_log::RunLog,
 };
 
 /// The `PostSubProxy` service.

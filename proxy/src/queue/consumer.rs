@@ -1,17 +1,22 @@
 //! [`consume`]: a consumer loop with manual acks and a prefetch that
 //! reconnects with backoff and drains in-flight deliveries on shutdown.
+//! Its tasks (the deliveries' handlers, the acker, the connection watcher)
+//! run on the caller's [`Lifecycle`].
 
 use std::{
     future::Future,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments, Channel};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Semaphore, oneshot};
 use uuid::Uuid;
 
-use super::{Backoff, QueueConfig, QueueError, op, topology::open};
+use super::{QueueConfig, QueueError, op, topology::open};
+use crate::{
+    backoff::Backoff,
+    lifecycle::{Lifecycle, pause},
+};
 
 /// Consumers of this process that are up (for readiness).
 static CONSUMERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -139,8 +144,8 @@ impl Acks {
     }
 }
 
-/// Consumes `queue` with manual acks and `prefetch` until `shutdown` turns
-/// true, calling `handle` for each delivery (at most `prefetch` at once).
+/// Consumes `queue` with manual acks and `prefetch` until `life` stops,
+/// calling `handle` for each delivery (at most `prefetch` at once).
 /// Reconnects with backoff. On shutdown it stops taking deliveries and waits
 /// for the handlers in flight, which ack what they finished; the broker
 /// requeues the rest when the connection closes.
@@ -148,7 +153,7 @@ pub async fn consume<F, Fut>(
     config: &QueueConfig,
     queue: &str,
     prefetch: u16,
-    mut shutdown: watch::Receiver<bool>,
+    life: &Lifecycle,
     handle: F,
 ) where
     F: Fn(Delivery) -> Fut + Send + Sync + 'static,
@@ -156,8 +161,9 @@ pub async fn consume<F, Fut>(
 {
     let handle = Arc::new(handle);
     let slots = Arc::new(Semaphore::new(usize::from(prefetch.max(1))));
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    while !*shutdown.borrow() {
+    let shutdown = life.token();
+    let mut backoff = Backoff::reconnect();
+    while !shutdown.is_cancelled() {
         let session = async {
             let (connection, channel) = open(config, &format!("daisy-consumer-{queue}")).await?;
             channel
@@ -179,10 +185,7 @@ pub async fn consume<F, Fut>(
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %err, queue, retry_in_ms = delay.as_millis() as u64, "cannot consume from RabbitMQ");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => {}
-                }
+                pause(shutdown, delay).await;
                 continue;
             }
         };
@@ -195,8 +198,8 @@ pub async fn consume<F, Fut>(
         let io = connection.clone();
         let (lost_tx, mut lost) = oneshot::channel::<()>();
         let acks = Arc::new(Acks::new());
-        let acker = tokio::spawn(acks.clone().run(channel.clone()));
-        tokio::spawn(async move {
+        let acker = life.spawn("acker", acks.clone().run(channel.clone()));
+        let watcher = life.spawn("broker connection watcher", async move {
             io.listen_network_io_failure().await;
             let _ = lost_tx.send(());
         });
@@ -204,7 +207,7 @@ pub async fn consume<F, Fut>(
             let message = tokio::select! {
                 message = rx.recv() => message,
                 _ = &mut lost => None,
-                _ = shutdown.changed() => None,
+                () = shutdown.cancelled() => None,
             };
             let Some(message) = message else { break };
             let (Some(deliver), Some(body)) = (message.deliver, message.content) else {
@@ -235,7 +238,7 @@ pub async fn consume<F, Fut>(
                 .await
                 .expect("the slots semaphore is never closed");
             let handle = handle.clone();
-            tokio::spawn(async move {
+            life.spawn("delivery", async move {
                 handle(delivery).await;
                 drop(slot);
             });
@@ -250,11 +253,14 @@ pub async fn consume<F, Fut>(
         let _ = acker.await;
         connected.set(0.0);
         CONSUMERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        if !*shutdown.borrow() {
+        if !shutdown.is_cancelled() {
             tracing::warn!(queue, "lost the RabbitMQ consumer; reconnecting");
         }
         let _ = channel.close().await;
         let _ = connection.close().await;
+        // Closing ends the watcher; a connection that never says so must not
+        // hold up shutdown.
+        watcher.abort();
     }
 }
 

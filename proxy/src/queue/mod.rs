@@ -5,8 +5,8 @@
 //! - `publisher`: the confirming [`Publisher`].
 //! - `consumer`: [`consume`], with manual, batched acks.
 //!
-//! This module holds what they share: the configuration, the errors and the
-//! backoff.
+//! This module holds what they share: the configuration and the errors.
+//! Reconnects back off with [`crate::backoff::Backoff::reconnect`].
 
 mod consumer;
 mod publisher;
@@ -84,42 +84,6 @@ pub enum QueueError {
 
 fn op(err: amqprs::error::Error) -> QueueError {
     QueueError::Operation(err.to_string())
-}
-
-/// Exponential backoff with jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    /// From `base`, doubling up to `max`.
-    pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff {
-            base,
-            max,
-            current: base,
-        }
-    }
-
-    /// The next delay: the current step, ±25% jitter.
-    pub fn next_delay(&mut self) -> Duration {
-        let step = self.current;
-        self.current = (self.current * 2).min(self.max);
-        jitter(step)
-    }
-
-    /// Back to the first step.
-    pub fn reset(&mut self) {
-        self.current = self.base;
-    }
-}
-
-/// `d` ±25%.
-pub fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.75 + fastrand::f64() * 0.5)
 }
 
 /// A run to publish, with the trace it belongs to (carried in the

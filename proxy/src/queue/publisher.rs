@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use amqprs::{
@@ -22,7 +22,8 @@ use amqprs::{
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{Backoff, Outgoing, QueueConfig, QueueError, topology::open};
+use super::{Outgoing, QueueConfig, QueueError, topology::open};
+use crate::backoff::Backoff;
 
 /// The confirms awaited on one channel.
 #[derive(Default)]
@@ -218,7 +219,7 @@ impl Publisher {
             state: tokio::sync::Mutex::new(PublisherState {
                 live: None,
                 retry_at: Instant::now(),
-                backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+                backoff: Backoff::reconnect(),
             }),
         }
     }

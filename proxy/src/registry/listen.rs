@@ -2,15 +2,12 @@
 //! the API keys (see `migrations/` for the triggers that NOTIFY).
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Registry;
@@ -22,38 +19,30 @@ const CHANNEL: &str = "daisy_tasks";
 const KEYS_CHANNEL: &str = "daisy_keys";
 
 impl Registry {
-    /// Listens for changes to `tasks` on a thread of its own until `stop` is set.
+    /// Listens for changes to `tasks` until `stop` is cancelled, blocking
+    /// the calling thread (the catalog gives it one of its own), which polls
+    /// `stop` every [`POLL`].
     ///
     /// Calls `on_event` with [`Change::Reset`] each time it has (re)connected,
     /// because changes made while it was away were missed, and with
     /// [`Change::Form`] for each change after that. While disconnected it
-    /// retries every `retry`.
-    pub fn listen(
-        &self,
-        retry: Duration,
-        stop: Arc<AtomicBool>,
-        on_event: impl Fn(Change) + Send + 'static,
-    ) {
-        let url = self.url.clone();
-        thread::Builder::new()
-            .name("daisy-listen".into())
-            .spawn(move || {
-                let mut was_connected = true;
-                while !stop.load(Ordering::Relaxed) {
-                    match listen_once(&url, &stop, &on_event) {
-                        Ok(()) => return,
-                        Err(err) => {
-                            if was_connected {
-                                tracing::warn!(error = %err, "task change listener lost the database; retrying");
-                            }
-                            was_connected = false;
-                            on_event(Change::Lost);
-                        }
+    /// retries every `retry` (a fixed pace: one connection attempt per
+    /// process is no load worth backing off from).
+    pub fn listen(&self, retry: Duration, stop: &CancellationToken, on_event: impl Fn(Change)) {
+        let mut was_connected = true;
+        while !stop.is_cancelled() {
+            match listen_once(&self.url, stop, &on_event) {
+                Ok(()) => return,
+                Err(err) => {
+                    if was_connected {
+                        tracing::warn!(error = %err, "task change listener lost the database; retrying");
                     }
-                    sleep_unless_stopped(retry, &stop);
+                    was_connected = false;
+                    on_event(Change::Lost);
                 }
-            })
-            .expect("spawning the listener thread");
+            }
+            sleep_unless_stopped(retry, stop);
+        }
     }
 }
 
@@ -78,7 +67,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 
 fn listen_once(
     url: &str,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
     on_event: &impl Fn(Change),
 ) -> Result<(), RegistryError> {
     let mut conn = PgConnection::establish(url).map_err(RegistryError::Connect)?;
@@ -87,7 +76,7 @@ fn listen_once(
     tracing::debug!("listening for task changes");
     on_event(Change::Reset);
     let mut last_heartbeat = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         for notification in conn.notifications_iter() {
             let notification = notification?;
             if notification.channel == KEYS_CHANNEL {
@@ -108,9 +97,9 @@ fn listen_once(
     Ok(())
 }
 
-fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
+fn sleep_unless_stopped(total: Duration, stop: &CancellationToken) {
     let deadline = Instant::now() + total;
-    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+    while !stop.is_cancelled() && Instant::now() < deadline {
         thread::sleep(POLL);
     }
 }

@@ -1,22 +1,30 @@
 //! The worker's database writes: concurrent deliveries' claims and outcomes
 //! go out in batches, and transient failures are retried with backoff.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::BATCH;
-use crate::{batch::Batcher, error::RegistryError, queue::Backoff, registry::Registry};
+use crate::{
+    backoff::Backoff,
+    batch::Batcher,
+    error::RegistryError,
+    lifecycle::{Lifecycle, pause},
+    registry::Registry,
+};
 
 /// Writes concurrent deliveries' requests in batches of up to [`BATCH`] with
 /// `op` (one answer per request), two batches at a time. Transient failures
 /// are retried with [`with_db`]; any other failure splits the batch until the
 /// request at fault stands alone, which is answered by `refused` instead, so
 /// one bad request never holds up (or retries forever) the others. On
-/// shutdown the batch goes unanswered.
+/// shutdown a batch that fails goes unanswered. The writers run on `life`
+/// as `writers` and end when the last handle is dropped.
 pub(super) fn db_batcher<Req, Resp>(
     registry: &Registry,
-    shutdown: &watch::Receiver<bool>,
+    life: &Lifecycle,
+    writers: &'static str,
     what: &'static str,
     op: impl Fn(&Registry, &[Req]) -> Result<Vec<Resp>, RegistryError> + Send + Sync + 'static,
     refused: impl Fn(&Registry, &Req, RegistryError) -> Resp + Send + Sync + 'static,
@@ -25,9 +33,9 @@ where
     Req: Send + Sync + 'static,
     Resp: Send + 'static,
 {
-    let (registry, shutdown) = (registry.clone(), shutdown.clone());
+    let (registry, shutdown) = (registry.clone(), life.token().clone());
     let (op, refused) = (Arc::new(op), Arc::new(refused));
-    Batcher::start(2, BATCH, move |requests: Vec<Req>| {
+    Batcher::start(life, writers, 2, BATCH, move |requests: Vec<Req>| {
         let (registry, shutdown) = (registry.clone(), shutdown.clone());
         let (op, refused) = (op.clone(), refused.clone());
         let requests = Arc::new(requests);
@@ -44,7 +52,7 @@ where
 /// on shutdown.
 fn write_split<'a, Req, Resp, Op, Refuse>(
     registry: &'a Registry,
-    shutdown: &'a watch::Receiver<bool>,
+    shutdown: &'a CancellationToken,
     what: &'static str,
     op: &'a Arc<Op>,
     refused: &'a Arc<Refuse>,
@@ -98,12 +106,12 @@ where
 /// if the worker is shutting down meanwhile.
 pub(super) async fn with_db<T: Send + 'static>(
     registry: &Registry,
-    shutdown: &watch::Receiver<bool>,
+    shutdown: &CancellationToken,
     what: &'static str,
     op: impl Fn(&Registry) -> Result<T, RegistryError> + Send + Sync + 'static,
 ) -> Option<Result<T, RegistryError>> {
     let op = Arc::new(op);
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::reconnect();
     loop {
         let registry = registry.clone();
         let op = op.clone();
@@ -117,9 +125,8 @@ pub(super) async fn with_db<T: Send + 'static>(
                 tracing::error!(error = %join, operation = what, "database operation panicked")
             }
         }
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() || !pause(shutdown, backoff.next_delay()).await {
             return None;
         }
-        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

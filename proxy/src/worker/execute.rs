@@ -8,8 +8,10 @@ use tracing::Instrument;
 
 use super::{Context, MAX_CRASH_COUNTS, WorkerConfig, batches::with_db};
 use crate::{
+    backoff::{Backoff, Policy},
     executor::{Outcome, RunRef, Submission},
-    queue::{self, Backoff, Delivery},
+    lifecycle::pause,
+    queue::Delivery,
     registry::{ClaimRequest, Claimed, DeadLetter, Finish, Pace},
 };
 
@@ -38,6 +40,11 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
         .acquire_owned()
         .await
         .expect("the executing semaphore is never closed");
+    if ctx.shutdown.is_cancelled() {
+        // Prefetched, its turn came after the stop: not claimed, not acked;
+        // the broker hands it to another worker when the channel closes.
+        return;
+    }
     let redelivered = delivery.redelivered;
     // One token per delivery: a claim retried after a lost answer is ours.
     let token = uuid::Uuid::new_v4();
@@ -64,7 +71,7 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
                 .await,
                 Some(Ok(true))
             );
-        if !live || *ctx.shutdown.borrow() {
+        if !live || ctx.shutdown.is_cancelled() {
             tracing::debug!(run.id = %run_id, "already handled by another delivery");
             delivery.ack();
             return;
@@ -117,19 +124,19 @@ async fn handle_run(ctx: Arc<Context>, delivery: Delivery, run_id: uuid::Uuid) {
 /// Runs the claimed execution and decides what becomes of the run.
 async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
     let form = claimed.form_id;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::reconnect();
     let tasks = loop {
         match ctx.catalog.tasks(form).await {
             Ok(tasks) => break tasks,
             Err(err) => {
                 tracing::warn!(error = %err, "loading the form's tasks failed; retrying");
-                if *ctx.shutdown.borrow() {
+                if ctx.shutdown.is_cancelled() || !pause(&ctx.shutdown, backoff.next_delay()).await
+                {
                     return Finish::Retry {
                         error: "worker shut down before running the task".into(),
                         after: Duration::ZERO,
                     };
                 }
-                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     };
@@ -282,14 +289,8 @@ pub fn throttle_delay(asked: Duration) -> Duration {
 
 /// The delay before attempt `attempt + 1`: base × 2^(attempt−1), capped, ±25%.
 pub fn retry_delay(config: &WorkerConfig, attempt: i32) -> Duration {
-    let exp = u32::try_from(attempt.saturating_sub(1))
-        .unwrap_or(0)
-        .min(20);
-    let delay = config
-        .retry_base
-        .saturating_mul(1 << exp)
-        .min(config.retry_max);
-    queue::jitter(delay)
+    let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0);
+    Policy::new(config.retry_base, config.retry_max).delay(doublings)
 }
 
 pub(super) async fn handle_dead_letter(ctx: Arc<Context>, delivery: Delivery) {

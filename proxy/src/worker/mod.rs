@@ -11,6 +11,12 @@
 //! retried with backoff before the ack, so nothing is lost while PostgreSQL
 //! is away. A second consumer drains the dead-letter queue.
 //!
+//! Shutdown (see [`crate::lifecycle`]): the consumers stop taking
+//! deliveries; runs executing finish and are acked, their leases kept until
+//! then; prefetched deliveries not yet claimed are handed back unacked.
+//! Whatever has not finished within `shutdown_grace` is left: the broker
+//! redelivers it and its lease expires.
+//!
 //! - `batches`: the batched, retried database writes;
 //! - `execute`: one delivery, from claim to outcome, and dead letters;
 //! - `leases`: extending the leases of the runs in flight.
@@ -23,7 +29,7 @@ pub use execute::{retry_delay, throttle_delay};
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use self::{
     batches::db_batcher,
@@ -34,6 +40,7 @@ use crate::{
     batch::Batcher,
     catalog::Catalog,
     executor::Executor,
+    lifecycle::Lifecycle,
     plugins::Plugins,
     queue::{self, QueueConfig},
     registry::{ClaimRequest, Claimed, DbConfig, Finish, Registry},
@@ -72,6 +79,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// Where the operations listener (metrics, health) listens, if at all.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// How long shutdown waits for the runs in flight to finish.
+    pub shutdown_grace: Duration,
 }
 
 /// Runs claimed or finished per database statement, at most.
@@ -96,22 +105,27 @@ struct Context {
     /// The runs this worker executes (run, claim token), whose leases it extends.
     held: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, uuid::Uuid>>,
     config: WorkerConfig,
-    shutdown: watch::Receiver<bool>,
+    /// The worker's stop signal.
+    shutdown: CancellationToken,
 }
 
 /// Runs the worker until `shutdown` completes, then finishes the runs in
-/// flight and returns.
+/// flight (for up to `shutdown_grace`) and returns.
 pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let life = Lifecycle::new();
+    // However `run` ends, nothing it started goes on unasked.
+    let _stop_on_return = life.token().clone().drop_guard();
+    life.stop_on(shutdown);
     let registry = Registry::new(&config.db);
     let plugins = Arc::new(Plugins::new(
         &config.plugins_dir,
         config.hosts.clone(),
         config.isolation,
     )?);
-    let catalog = Catalog::start(registry.clone(), {
+    let catalog = Catalog::start(registry.clone(), &life, {
         let plugins = plugins.clone();
         move |change| {
             if let crate::registry::Change::Form(form) = change {
@@ -121,17 +135,13 @@ pub async fn run(
     });
     plugins.record_quarantines_in(registry.clone());
     let executor = Executor::new(plugins.clone(), config.max_concurrent_tasks.max(1));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
     let lease = config.lease;
     // A claim the database refuses is answered "nothing to claim": the
     // message is acked, and the run (still queued) is logged above.
     let claims = db_batcher(
         &registry,
-        &stop_rx,
+        &life,
+        "claim writer",
         "claim",
         move |r, requests| r.claim(requests, lease),
         |_, _, _| None,
@@ -142,7 +152,8 @@ pub async fn run(
     // stored as a dead run saying so; the message is acked either way.
     let finishes = db_batcher(
         &registry,
-        &stop_rx,
+        &life,
+        "finish writer",
         "finish",
         move |r, finished| {
             r.finish(&worker, finished)
@@ -173,63 +184,62 @@ pub async fn run(
         crashes: std::sync::Mutex::default(),
         held: std::sync::Mutex::default(),
         config: config.clone(),
-        shutdown: stop_rx.clone(),
+        shutdown: life.token().clone(),
     });
-    let ops = match config.http_addr {
-        Some(addr) => {
-            let listener = crate::http::bind(addr).await?;
-            let registry = ctx.registry.clone();
-            let ready: crate::http::Check = Arc::new(move || {
-                let registry = registry.clone();
-                Box::pin(async move {
-                    crate::server::database_ready(registry).await?;
-                    if queue::consumers_up() == 0 {
-                        return Err("not consuming from RabbitMQ".into());
-                    }
-                    Ok(())
-                })
-            });
-            let mut stop = stop_rx.clone();
-            let shutdown = async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            };
-            crate::metrics::install()?;
-            Some(tokio::spawn(crate::http::serve(
-                listener, ready, None, shutdown,
-            )))
-        }
-        None => None,
-    };
+    if let Some(addr) = config.http_addr {
+        let listener = crate::http::bind(addr).await?;
+        let registry = ctx.registry.clone();
+        let ready: crate::http::Check = Arc::new(move || {
+            let registry = registry.clone();
+            Box::pin(async move {
+                crate::server::database_ready(registry).await?;
+                if queue::consumers_up() == 0 {
+                    return Err("not consuming from RabbitMQ".into());
+                }
+                Ok(())
+            })
+        });
+        crate::metrics::install()?;
+        life.spawn(
+            "operations listener",
+            crate::http::serve(
+                listener,
+                ready,
+                None,
+                life.token().clone().cancelled_owned(),
+            ),
+        );
+    }
     tracing::info!(worker = %config.name, queue = %config.queue.queue, "worker started");
-    let leases = tokio::spawn(keep_leases(ctx.clone(), stop_rx.clone()));
-    let dead_letters = tokio::spawn({
-        let ctx = ctx.clone();
-        let stop = stop_rx.clone();
-        let queue = config.queue.dead_letter_queue();
+    life.spawn(
+        "lease keeper",
+        keep_leases(ctx.clone(), life.token().clone()),
+    );
+    life.spawn("dead-letter consumer", {
+        let (ctx, inner) = (ctx.clone(), life.clone());
+        let (queue, dead) = (config.queue.clone(), config.queue.dead_letter_queue());
         async move {
-            queue::consume(&ctx.config.queue.clone(), &queue, 16, stop, move |d| {
+            queue::consume(&queue, &dead, 16, &inner, move |d| {
                 handle_dead_letter(ctx.clone(), d)
             })
             .await
         }
     });
-    queue::consume(
-        &config.queue,
-        &config.queue.queue,
-        config.prefetch,
-        stop_rx,
-        {
-            let ctx = ctx.clone();
-            move |d| handle(ctx.clone(), d)
-        },
-    )
-    .await;
-    let _ = dead_letters.await;
-    let _ = leases.await;
-    if let Some(ops) = ops {
-        let _ = ops.await;
-    }
+    life.spawn("consumer", {
+        let inner = life.clone();
+        let (queue, prefetch) = (config.queue.clone(), config.prefetch);
+        async move {
+            queue::consume(&queue, &queue.queue, prefetch, &inner, move |d| {
+                handle(ctx.clone(), d)
+            })
+            .await
+        }
+    });
+    // The consumers' handlers hold the context (and so the batch writers)
+    // from here on: once the last delivery is done, the writers end too.
+    life.token().cancelled().await;
+    let stopped = life.shut_down(config.shutdown_grace).await;
     plugins.shutdown();
-    tracing::info!("worker stopped");
+    tracing::info!(clean = stopped, "worker stopped");
     Ok(())
 }

@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 
 use proto::v1::{GetRunsRequest, Outcome, RunState};
 use proxy::{
-    outbox::{Acceptor, RunLog},
+    lifecycle::Lifecycle,
+    outbox::Acceptor,
     registry::{Acceptance, NewTask, SyncRun},
+    run_log::RunLog,
 };
 use serde_json::{Value, json};
 use tonic::Code;
@@ -159,7 +161,7 @@ async fn one_submission_the_database_refuses_fails_alone_in_its_batch() {
     let form = Uuid::new_v4();
     let task = db.attach_with(async_task(form, "later", "config", json!({}), 5));
     // One writer, so concurrent submissions share batches.
-    let acceptor = Acceptor::start(db.registry(), Duration::from_secs(60), 1);
+    let acceptor = Acceptor::start(db.registry(), Duration::from_secs(60), 1, &Lifecycle::new());
     let calls: Vec<_> = (0..40)
         .map(|i| {
             let (acceptor, task) = (acceptor.clone(), task.clone());
@@ -201,7 +203,7 @@ async fn one_submission_the_database_refuses_fails_alone_in_its_batch() {
 async fn a_run_log_record_the_database_refuses_is_dropped_and_the_log_moves_on() {
     let db = TestDb::new();
     let registry = db.registry();
-    let (run_log, _writer) = RunLog::start(registry.clone(), 1 << 20);
+    let (run_log, _writer) = RunLog::start(registry.clone(), 1 << 20, &Lifecycle::new());
     let record = |submission: Uuid, output: Value| SyncRun {
         id: Uuid::new_v4(),
         submission_id: submission,
@@ -346,7 +348,7 @@ async fn the_form_cache_stays_bounded_under_100_000_random_form_ids() {
     let db = TestDb::new();
     let real = Uuid::new_v4();
     db.attach(real, "echo", "echo", "echo", json!({}));
-    let catalog = std::sync::Arc::new(Catalog::start(db.registry(), |_| {}));
+    let catalog = std::sync::Arc::new(Catalog::start(db.registry(), &Lifecycle::new(), |_| {}));
     // Cached only once the listener is connected.
     let started = Instant::now();
     while catalog.cached(real).is_none() {
@@ -462,7 +464,7 @@ async fn pruning_deletes_old_finished_runs_and_never_pending_ones() {
 async fn the_run_log_backlog_is_bounded_in_bytes_while_the_database_is_away() {
     // Nothing listens on port 1: every write fails, transiently.
     let away = proxy::registry::Registry::new(&db_config("postgres://postgres@127.0.0.1:1/none"));
-    let (run_log, _writer) = RunLog::start(away, 64 * 1024);
+    let (run_log, _writer) = RunLog::start(away, 64 * 1024, &Lifecycle::new());
     let big = json!({"essay": "x".repeat(4000)});
     for _ in 0..100 {
         run_log.record(vec![SyncRun {

@@ -20,5 +20,6 @@ mod quotas;
 mod run_log;
 mod security;
 mod service;
+mod shutdown;
 mod validation;
 mod writes;

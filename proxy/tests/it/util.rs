@@ -169,6 +169,7 @@ pub fn server_config(db_url: &str, plugins: &Path, queue: QueueConfig) -> Config
         retain: None,
         http_addr: None,
         security: proxy::security::Security::default(),
+        shutdown_grace: Duration::from_secs(10),
     }
 }
 

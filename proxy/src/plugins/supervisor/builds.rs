@@ -15,6 +15,7 @@ use std::{
 
 use super::{Call, CallError, Supervisor, quarantine::Standing};
 use crate::{
+    backoff::Policy,
     error::PluginError,
     plugins::{
         LibraryInfo,
@@ -22,6 +23,10 @@ use crate::{
         host_process::Host,
     },
 };
+
+/// The wait before starting a slot's host again after its second crash in
+/// a row, and on (no jitter: one slot, one waiter).
+const RESPAWN: Policy = Policy::new(Duration::from_millis(50), Duration::from_millis(3200));
 
 #[derive(Default)]
 pub(super) struct Module {
@@ -286,8 +291,8 @@ impl Supervisor {
         // The first restart is immediate; crashes in a row (no clean run
         // in between) back off: 50 ms, doubling, up to 3.2 s.
         if in_a_row >= 2 {
-            let delay = Duration::from_millis(50 << (in_a_row - 2).min(6));
-            tokio::time::sleep(delay).await;
+            let doublings = u32::try_from(in_a_row - 2).unwrap_or(u32::MAX);
+            tokio::time::sleep(RESPAWN.step(doublings)).await;
         }
         let (host, _) = Host::start(
             &self.config,
