@@ -131,18 +131,11 @@ impl Launcher {
     pub fn test(db_url: &str, plugins: &Path, queue: &TestQueue, amqp_url: &str) -> Launcher {
         let log = std::env::var("DAISY_TEST_LOG").unwrap_or_else(|_| "error".into());
         Launcher {
-            bin: Profile::Debug.daisy_bin(),
-            env: Vec::new(),
             serve_args: TEST_SERVE_ARGS,
             worker_args: WORKER_ARGS,
-            logs: None,
+            ..Launcher::on(Profile::Debug, db_url, plugins, queue, amqp_url)
         }
         .env(&[
-            ("DATABASE_URL", db_url),
-            ("DAISY_PLUGINS_DIR", path_str(plugins)),
-            ("AMQP_URL", amqp_url),
-            ("DAISY_EXCHANGE", &queue.exchange),
-            ("DAISY_QUEUE", &queue.queue),
             ("DAISY_DELIVERY_LIMIT", &queue.delivery_limit.to_string()),
             ("DAISY_DB_TIMEOUT_MS", "500"),
             // A killed worker's runs are taken over once their lease expires.
@@ -154,8 +147,21 @@ impl Launcher {
     /// As shipped, for `daisy-bench`: the release build with Daisy's own
     /// settings, logging errors only.
     pub fn release(db_url: &str, plugins: &Path, queue: &TestQueue) -> Launcher {
+        Launcher::on(Profile::Release, db_url, plugins, queue, &queue.url)
+            .env(&[("RUST_LOG", "error")])
+    }
+
+    /// `profile`'s `daisy` on a database, plugins directory and queues, with
+    /// Daisy's own settings.
+    fn on(
+        profile: Profile,
+        db_url: &str,
+        plugins: &Path,
+        queue: &TestQueue,
+        amqp_url: &str,
+    ) -> Launcher {
         Launcher {
-            bin: Profile::Release.daisy_bin(),
+            bin: profile.daisy_bin(),
             env: Vec::new(),
             serve_args: &[],
             worker_args: &["worker"],
@@ -164,10 +170,9 @@ impl Launcher {
         .env(&[
             ("DATABASE_URL", db_url),
             ("DAISY_PLUGINS_DIR", path_str(plugins)),
-            ("AMQP_URL", &queue.url),
+            ("AMQP_URL", amqp_url),
             ("DAISY_EXCHANGE", &queue.exchange),
             ("DAISY_QUEUE", &queue.queue),
-            ("RUST_LOG", "error"),
         ])
     }
 
