@@ -6,7 +6,7 @@
 //! Struct → JSON conversion. `make bench` runs them (criterion);
 //! the libraries come from `target/release` (`cargo build --release --workspace`).
 
-use std::{hint::black_box, path::PathBuf};
+use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use plugin_api::{Input, Task, host::RunInput, json};
@@ -15,32 +15,12 @@ use proxy::{
     plugins::{HostConfig, Isolation, Plugins},
     registry::TaskDef,
 };
-
-fn release_lib(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/release")
-        .join(proxy::plugins::library_file_name(name));
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build --release --workspace",
-        path.display()
-    );
-    path
-}
+use test_support::{PluginsDir, Profile};
 
 fn plugin_call(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        release_lib("testkit"),
-        dir.path()
-            .join(proxy::plugins::library_file_name("testkit")),
-    )
-    .expect("copy");
-    let library = plugin_api::host::Library::load(
-        &dir.path()
-            .join(proxy::plugins::library_file_name("testkit")),
-    )
-    .expect("loads");
+    let dir = PluginsDir::new();
+    dir.install_built(Profile::Release, "testkit", "testkit");
+    let library = plugin_api::host::Library::load(&dir.module_path("testkit")).expect("loads");
     let handle = library.instantiate("config", "null").expect("creates");
     let direct = testkit::Config::new(json!(null)).expect("creates");
     let input = Input::new("f", "s", json!({}), 1);
@@ -64,14 +44,10 @@ fn plugin_call(c: &mut Criterion) {
 }
 
 fn instance_lookup(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        release_lib("echo"),
-        dir.path().join(proxy::plugins::library_file_name("echo")),
-    )
-    .expect("copy");
+    let dir = PluginsDir::new();
+    dir.install_built(Profile::Release, "echo", "echo");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let daisy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/daisy");
+    let daisy = Profile::Release.daisy_bin();
     let plugins = runtime
         .block_on(async { Plugins::new(dir.path(), HostConfig::new(daisy), Isolation::Process) })
         .expect("loader");

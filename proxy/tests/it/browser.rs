@@ -9,26 +9,16 @@ use std::time::Duration;
 use fantoccini::{Client, ClientBuilder, Locator};
 use proto::v1::RunState;
 use serde_json::json;
-use test_support::{Stack, free_port};
+use test_support::{Process, Stack, free_port};
 use uuid::Uuid;
 
 use crate::util::sample;
 
-/// A chromedriver process, killed when dropped.
-struct Driver(std::process::Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts chromedriver and a headless Chromium session logging the
-/// browser console.
-async fn browser() -> (Driver, Client, String) {
+/// Starts chromedriver (killed when the process is dropped) and a headless
+/// Chromium session logging the browser console.
+async fn browser() -> (Process, Client, String) {
     let port = free_port().port();
-    let driver = Driver(
+    let driver = Process::new(
         std::process::Command::new(
             std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()),
         )
