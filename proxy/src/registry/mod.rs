@@ -172,25 +172,6 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// Every query Daisy runs looks rows up by key or through an index, but
-/// `task_runs` grows by thousands of rows a second from empty, faster than
-/// autovacuum refreshes its statistics: the planner, still believing the
-/// table tiny, chose sequential scans for the outbox's key lookups (seen in
-/// the benchmarks: every accept batch scanned the whole table). Each
-/// connection therefore tells the planner to avoid sequential scans where
-/// an index serves; queries no index serves still scan.
-#[derive(Debug)]
-struct PreferIndexes;
-
-impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for PreferIndexes {
-    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
-        diesel::sql_query("SET enable_seqscan = off")
-            .execute(conn)
-            .map(drop)
-            .map_err(diesel::r2d2::Error::QueryError)
-    }
-}
-
 impl Registry {
     /// Builds the pool without connecting: a registry can start while the
     /// database is down, and connects when it is back.
@@ -202,7 +183,6 @@ impl Registry {
             .connection_timeout(config.timeout)
             // r2d2 logs connection errors on its own; ours name the operation.
             .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
-            .connection_customizer(Box::new(PreferIndexes))
             .build_unchecked(ConnectionManager::new(config.url.clone()));
         Registry {
             pool,

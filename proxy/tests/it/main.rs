@@ -15,6 +15,7 @@ mod fuzz;
 mod hosts;
 mod hot_reload;
 mod ops;
+mod plans;
 mod process;
 mod quotas;
 mod run_log;

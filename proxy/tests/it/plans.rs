@@ -1,0 +1,227 @@
+//! The hot statements find their rows through indexes on their own: no
+//! planner setting forces it. Checked on a database that looks like a busy
+//! one (tens of thousands of runs, statistics that lag behind the table's
+//! growth), by PostgreSQL's own count of sequential and index scans per
+//! table while each statement runs, as the proxy and the worker run it
+//! (the same binds, prepared and planned the same way).
+
+use std::time::{Duration, Instant};
+
+use proxy::registry::{Acceptance, ClaimRequest, Claimed, Finish, Registry, TaskDef};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{asynchronous::async_task, util::*};
+
+/// The tables the hot statements touch.
+const TABLES: [&str; 3] = ["task_runs", "submissions", "task_run_attempts"];
+
+/// Sequential and index scans of each of [`TABLES`], as the statistics
+/// count them.
+fn scans(db: &TestDb) -> Vec<(i64, i64)> {
+    TABLES
+        .iter()
+        .map(|table| {
+            let row = db.query_one(&format!(
+                "SELECT coalesce(seq_scan, 0) || ' ' || coalesce(idx_scan, 0) \
+                 FROM pg_stat_user_tables WHERE relname = '{table}'"
+            ));
+            let (seq, idx) = row.split_once(' ').expect("two counts");
+            (seq.parse().expect("a count"), idx.parse().expect("a count"))
+        })
+        .collect()
+}
+
+/// Runs `statement` on a registry of its own, closes its connections (a
+/// backend reports its statistics as it exits) and returns the sequential
+/// scans it made of each table, once its index scans have been counted.
+fn scans_during<T>(db: &TestDb, statement: impl FnOnce(&Registry) -> T) -> (T, Vec<i64>) {
+    let before = scans(db);
+    let registry = db.registry();
+    let out = statement(&registry);
+    drop(registry);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = before.clone();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = scans(db);
+        if now != before && now == last {
+            let seq = now
+                .iter()
+                .zip(&before)
+                .map(|(now, before)| now.0 - before.0)
+                .collect();
+            return (out, seq);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the statement's scans were never counted"
+        );
+        last = now;
+    }
+}
+
+fn acceptances(form: Uuid, task: &TaskDef, n: usize) -> Vec<Acceptance> {
+    (0..n)
+        .map(|n| Acceptance {
+            form,
+            submission: Uuid::new_v4(),
+            payload: json!({ "answers": { "n": n } }),
+            context: None,
+            tasks: vec![task.clone()],
+            trace: None,
+        })
+        .collect()
+}
+
+fn accept(registry: &Registry, requests: &[Acceptance], grace: Duration) -> Vec<Uuid> {
+    registry
+        .accept(requests, grace)
+        .expect("accepted")
+        .iter()
+        .map(|r| r.as_ref().expect("no conflict")[0].run_id)
+        .collect()
+}
+
+fn claim(registry: &Registry, runs: &[Uuid]) -> Vec<Claimed> {
+    let requests: Vec<ClaimRequest> = runs
+        .iter()
+        .map(|&run| ClaimRequest {
+            run,
+            redelivered: false,
+            token: Uuid::new_v4(),
+        })
+        .collect();
+    registry
+        .claim(&requests, Duration::from_secs(60))
+        .expect("claim")
+        .into_iter()
+        .map(|c| c.expect("claimed"))
+        .collect()
+}
+
+fn succeed(registry: &Registry, claimed: Vec<Claimed>) {
+    let outcomes: Vec<_> = claimed
+        .into_iter()
+        .map(|c| (c, Finish::Succeeded(json!({ "row": 1 }))))
+        .collect();
+    registry.finish("w", &outcomes).expect("finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_statements_use_indexes_on_a_busy_database() {
+    const BATCH: usize = 250;
+    let db = TestDb::new();
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "row", "config", json!({}), 3));
+    let registry = db.registry();
+    // A history: 20,000 drained runs, one in five retried once, analyzed
+    // half-way, so the statistics know half of the rows (autovacuum keeps
+    // them far closer).
+    let mut retried = Vec::new();
+    for round in 0..80 {
+        let runs = accept(&registry, &acceptances(form, &task, BATCH), Duration::ZERO);
+        let mut claimed = claim(&registry, &runs);
+        let failed: Vec<_> = claimed
+            .drain(..BATCH / 5)
+            .map(|c| {
+                let retry = Finish::Retry {
+                    error: "throttled".into(),
+                    after: Duration::ZERO,
+                };
+                (c, retry)
+            })
+            .collect();
+        registry.finish("w", &failed).expect("finished");
+        claimed.extend(claim(&registry, &runs[..BATCH / 5]));
+        succeed(&registry, claimed);
+        retried.push(runs[0]);
+        if round == 39 {
+            db.execute("ANALYZE");
+        }
+    }
+    // Work in flight: runs still queued and due, some published, some running.
+    let due = accept(&registry, &acceptances(form, &task, BATCH), Duration::ZERO);
+    let queued = accept(
+        &registry,
+        &acceptances(form, &task, BATCH),
+        Duration::from_secs(60),
+    );
+    registry.mark_published(&queued[..100]).expect("marked");
+    let running = claim(&registry, &queued[100..200]);
+    drop(registry);
+
+    let fresh = acceptances(form, &task, BATCH);
+    let replays = fresh[..10].to_vec();
+    let statements: Vec<(&str, Box<dyn FnOnce(&Registry)>)> = vec![
+        (
+            "accept",
+            Box::new(|r: &Registry| drop(accept(r, &fresh, Duration::from_secs(60)))),
+        ),
+        (
+            "accept of replays",
+            Box::new(|r: &Registry| drop(accept(r, &replays, Duration::from_secs(60)))),
+        ),
+        (
+            "mark_published",
+            Box::new(|r: &Registry| r.mark_published(&queued[200..]).expect("marked")),
+        ),
+        (
+            "relay_batch",
+            Box::new(|r: &Registry| {
+                let relayed = r
+                    .relay_batch(1000, |due| due.iter().map(|(id, _)| *id).collect())
+                    .expect("relayed");
+                assert_eq!(relayed, BATCH, "the relay finds the due runs");
+            }),
+        ),
+        (
+            "claim",
+            Box::new(|r: &Registry| drop(claim(r, &due[..200]))),
+        ),
+        ("finish", Box::new(move |r: &Registry| succeed(r, running))),
+        (
+            "runs_for_submission",
+            Box::new(|r: &Registry| {
+                for request in &replays {
+                    assert_eq!(
+                        r.runs_for_submission(request.submission)
+                            .expect("runs")
+                            .len(),
+                        1
+                    );
+                }
+            }),
+        ),
+        (
+            "attempts",
+            Box::new(|r: &Registry| {
+                for run in &due[..10] {
+                    r.attempts(*run).expect("attempts");
+                }
+                for run in &retried[..10] {
+                    assert_eq!(r.attempts(*run).expect("attempts").len(), 2);
+                }
+            }),
+        ),
+        (
+            "requeue_stale",
+            Box::new(|r: &Registry| {
+                drop(r.requeue_stale(Duration::from_secs(600)).expect("swept"))
+            }),
+        ),
+    ];
+    let mut scanned = Vec::new();
+    for (name, statement) in statements {
+        let ((), seq) = scans_during(&db, statement);
+        for (table, n) in TABLES.iter().zip(seq) {
+            if n > 0 {
+                scanned.push(format!("{name} scanned {table} {n} time(s)"));
+            }
+        }
+    }
+    assert!(
+        scanned.is_empty(),
+        "hot statements read whole tables: {scanned:?}"
+    );
+}
