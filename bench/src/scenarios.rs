@@ -189,6 +189,16 @@ async fn sync(
         "s2_metrics_rounds_per_s".into(),
         json!({"off": per_round(&s2_off), "on": per_round(&s2_metrics)}),
     );
+    // Each round pairs an off load with the on load right after it: the
+    // median of the rounds' ratios is the cost, robust to a round the
+    // machine disturbed.
+    let mut paired: Vec<f64> = s2_off
+        .iter()
+        .zip(&s2_metrics)
+        .map(|(off, on)| 1.0 - on.throughput() / off.throughput())
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    let metrics_cost = paired[paired.len() / 2];
     let (s2_off, s2_metrics) = (median_load(s2_off), median_load(s2_metrics));
     // An idle plugin host: serve's echo host, a second after its last call.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -267,10 +277,9 @@ async fn sync(
         "2 vs bare throughput, process isolation (target >= 50%; 60% in #13)".into(),
         format!("{:>9.0}%", 100.0 * s2_vs_bare),
     ));
-    let metrics_cost = 1.0 - s2_metrics.throughput() / s2_off.throughput();
     ratios.insert("s2_metrics_cost".into(), json!(metrics_cost));
     targets.push((
-        "2, metrics on vs off (target within 3%)".into(),
+        "2, metrics on vs off, median of paired rounds (target within 3%)".into(),
         format!("{:>9.1}%", -100.0 * metrics_cost),
     ));
     targets.push((
