@@ -229,3 +229,77 @@ async fn hot_statements_use_indexes_on_a_busy_database() {
         "hot statements read whole tables: {scanned:?}"
     );
 }
+
+/// Index entries read from `task_runs`'s indexes so far.
+fn index_entries_read(db: &TestDb) -> i64 {
+    db.query_one(
+        "SELECT coalesce(sum(idx_tup_read), 0)::text FROM pg_stat_user_indexes \
+         WHERE relname = 'task_runs'",
+    )
+    .parse()
+    .expect("a count")
+}
+
+/// [`index_entries_read`] once every backend that used the database has
+/// reported its counts (a backend reports them as it exits).
+fn settled_index_entries_read(db: &TestDb) -> i64 {
+    let mut last = index_entries_read(db);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = index_entries_read(db);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// A burst of new runs after a quiet spell (statistics that say nothing is
+/// queued) must not turn a claim of a few runs into a read of every queued
+/// run: the drain would slow down as its backlog grows (it once took
+/// 70-120 ms a claim of 60 runs, the planner reading all 20,000 queued runs
+/// through the state index into a hash join).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_only_its_runs_after_a_burst() {
+    const BURST: usize = 20_000;
+    const CLAIMED: usize = 60;
+    let db = TestDb::new();
+    // Statistics stay as they are now, whatever autovacuum would do.
+    db.execute("ALTER TABLE task_runs SET (autovacuum_enabled = false)");
+    let form = Uuid::new_v4();
+    let task = db.attach_with(async_task(form, "row", "config", json!({}), 3));
+    let registry = db.registry();
+    for _ in 0..4 {
+        let runs = accept(&registry, &acceptances(form, &task, 250), Duration::ZERO);
+        succeed(&registry, claim(&registry, &runs));
+    }
+    drop(registry);
+    db.execute("ANALYZE");
+    db.execute(&format!(
+        "INSERT INTO submissions (id, form_id, payload) SELECT gen_random_uuid(), '{form}', '{{}}' \
+         FROM generate_series(1, {BURST}); \
+         INSERT INTO task_runs (id, submission_id, form_id, task_id, task_name, is_async, state, \
+                                max_attempts, next_attempt_at) \
+         SELECT gen_random_uuid(), s.id, s.form_id, '{task}', 'row', true, 'queued', 3, now() \
+         FROM submissions s WHERE NOT EXISTS (SELECT 1 FROM task_runs r WHERE r.submission_id = s.id)",
+        task = task.id
+    ));
+    let burst: Vec<Uuid> = db
+        .query_one(&format!(
+            "SELECT string_agg(id::text, ',') FROM \
+             (SELECT id FROM task_runs WHERE state = 'queued' LIMIT {CLAIMED}) r"
+        ))
+        .split(',')
+        .map(|id| id.parse().expect("a uuid"))
+        .collect();
+    let before = settled_index_entries_read(&db);
+    let registry = db.registry();
+    let claimed = claim(&registry, &burst);
+    assert_eq!(claimed.len(), CLAIMED);
+    drop(registry);
+    let read = settled_index_entries_read(&db) - before;
+    assert!(
+        read > 0 && read <= 10 * CLAIMED as i64,
+        "claiming {CLAIMED} runs read {read} index entries of task_runs"
+    );
+}
