@@ -5,31 +5,54 @@
 /// `bytes`. `cp` writes from the start, so a file it is still writing ends
 /// before its section header table (which linkers put last). Files that
 /// are not ELF are left to the dynamic loader to refuse.
-///
-/// Only the few header fields this needs are read (the layout is fixed by
-/// the ELF specification), rather than parsing the whole file.
 pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
-    if bytes.is_empty() {
+    check_complete_at(bytes.len() as u64, |at, out| {
+        let at = usize::try_from(at).ok()?;
+        out.copy_from_slice(bytes.get(at..at.checked_add(out.len())?)?);
+        Some(())
+    })
+}
+
+/// [`check_complete`] for a file of `len` bytes, read where needed.
+pub fn check_file_complete(file: &std::fs::File, len: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    check_complete_at(len, |at, out| file.read_exact_at(out, at).ok())
+}
+
+/// Only the few header fields this needs are read (the layout is fixed by
+/// the ELF specification), through `read_at`, rather than parsing the whole
+/// file; `read_at` fills its buffer from an offset, or fails past the end.
+fn check_complete_at(
+    len: u64,
+    read_at: impl Fn(u64, &mut [u8]) -> Option<()>,
+) -> Result<(), String> {
+    if len == 0 {
         return Err("the file is empty".into());
     }
-    if bytes.len() < 4 && b"\x7fELF".starts_with(bytes) {
+    let mut ident = [0u8; 6];
+    let head = usize::try_from(len.min(6)).unwrap_or(6);
+    read_at(0, &mut ident[..head]).ok_or("the file cannot be read")?;
+    let ident = &ident[..head];
+    if ident.len() < 4 && b"\x7fELF".starts_with(ident) {
         return Err("the ELF header is cut short".into());
     }
-    if !bytes.starts_with(b"\x7fELF") {
+    if !ident.starts_with(b"\x7fELF") {
         return Ok(());
     }
-    let class64 = match bytes.get(4) {
+    let class64 = match ident.get(4) {
         Some(1) => false,
         Some(2) => true,
         _ => return Err("the ELF header is cut short".into()),
     };
-    let little = match bytes.get(5) {
+    let little = match ident.get(5) {
         Some(1) => true,
         Some(2) => false,
         _ => return Err("the ELF header is cut short".into()),
     };
-    let read = |at: usize, width: usize| -> Option<u64> {
-        let field = bytes.get(at..at + width)?;
+    let read = |at: u64, width: usize| -> Option<u64> {
+        let mut field = [0u8; 8];
+        let field = &mut field[..width];
+        read_at(at, field)?;
         let mut value = 0u64;
         for i in 0..width {
             let byte = if little {
@@ -54,12 +77,11 @@ pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
     let phnum = read(sizes + 2, 2).ok_or_else(short)?;
     let shentsize = read(sizes + 4, 2).ok_or_else(short)?;
     let shnum = read(sizes + 6, 2).ok_or_else(short)?;
-    let len = bytes.len() as u64;
     let end = |offset: u64, size: u64| offset.checked_add(size).filter(|&e| e <= len);
     end(phoff, phentsize * phnum).ok_or("its program headers lie past its end")?;
     end(shoff, shentsize * shnum).ok_or("its section header table lies past its end")?;
     for i in 0..phnum {
-        let entry = usize::try_from(phoff + i * phentsize).map_err(|_| short())?;
+        let entry = phoff + i * phentsize;
         let (p_offset, p_filesz) = if class64 {
             (read(entry + 8, 8), read(entry + 32, 8))
         } else {

@@ -29,7 +29,7 @@ use crate::error::PluginError;
 
 mod elf;
 
-pub use elf::check_complete;
+pub use elf::{check_complete, check_file_complete};
 
 /// The file name the platform gives the library of `module`.
 pub fn library_file_name(module: &str) -> String {
@@ -247,57 +247,87 @@ impl Copies {
         let before = file
             .metadata()
             .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
-        let mut bytes = Vec::with_capacity(usize::try_from(before.len()).unwrap_or(0));
-        file.read_to_end(&mut bytes)
-            .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
-        let after = file
-            .metadata()
-            .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        check_trusted(dir, path, &after).map_err(failed)?;
-        let fingerprint = Fingerprint::of(&before);
-        if fingerprint != Fingerprint::of(&after) || bytes.len() as u64 != after.len() {
-            return Err(SnapshotError::Incomplete(format!(
-                "'{}' changed while it was read",
-                path.display()
-            )));
-        }
-        check_complete(&bytes).map_err(|why| {
-            SnapshotError::Incomplete(format!("'{}' is incomplete: {why}", path.display()))
-        })?;
-        let sha256 = hex(&Sha256::digest(&bytes));
-        if serving == Some(sha256.as_str()) {
-            return Err(SnapshotError::Unchanged(fingerprint));
-        }
-        if !self.allowed.admits(&sha256) {
-            return Err(failed(format!(
-                "refusing '{}': its build (sha256 {sha256}) is not in the --plugin-sha256 allow-list",
-                path.display()
-            )));
-        }
         let copy = self.dir.path().join(format!(
             "{}-{}",
             self.next.fetch_add(1, Ordering::Relaxed),
             library_file_name(module)
         ));
-        let write = || -> std::io::Result<()> {
-            let mut out = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&copy)?;
-            out.write_all(&bytes)?;
-            out.sync_data()
-        };
-        write().map_err(|err| failed(format!("copying '{}': {err}", path.display())))?;
-        // Check the copy as the loader will see it.
-        let copied = fs::read(&copy)
-            .map_err(|err| failed(format!("reading the copy of '{}': {err}", path.display())))?;
-        if copied != bytes {
+        // The library streams through a small buffer into the copy and the
+        // hash: a copy of some MiB never sits in memory (it would stay in the
+        // process's peak resident memory).
+        let mut out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&copy)
+            .map_err(|err| failed(format!("copying '{}': {err}", path.display())))?;
+        let remove = |err: SnapshotError| {
             let _ = fs::remove_file(&copy);
-            return Err(failed(format!(
+            err
+        };
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut len = 0u64;
+        loop {
+            let n = match file.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    return Err(remove(failed(format!(
+                        "reading '{}': {err}",
+                        path.display()
+                    ))));
+                }
+            };
+            hasher.update(&buffer[..n]);
+            out.write_all(&buffer[..n])
+                .map_err(|err| remove(failed(format!("copying '{}': {err}", path.display()))))?;
+            len += n as u64;
+        }
+        let after = file
+            .metadata()
+            .map_err(|err| remove(failed(format!("reading '{}': {err}", path.display()))))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        check_trusted(dir, path, &after).map_err(|why| remove(failed(why)))?;
+        let fingerprint = Fingerprint::of(&before);
+        if fingerprint != Fingerprint::of(&after) || len != after.len() {
+            return Err(remove(SnapshotError::Incomplete(format!(
+                "'{}' changed while it was read",
+                path.display()
+            ))));
+        }
+        check_file_complete(&out, len).map_err(|why| {
+            remove(SnapshotError::Incomplete(format!(
+                "'{}' is incomplete: {why}",
+                path.display()
+            )))
+        })?;
+        let sha256 = hex(&hasher.finalize());
+        if serving == Some(sha256.as_str()) {
+            return Err(remove(SnapshotError::Unchanged(fingerprint)));
+        }
+        if !self.allowed.admits(&sha256) {
+            return Err(remove(failed(format!(
+                "refusing '{}': its build (sha256 {sha256}) is not in the --plugin-sha256 allow-list",
+                path.display()
+            ))));
+        }
+        out.sync_data()
+            .map_err(|err| remove(failed(format!("copying '{}': {err}", path.display()))))?;
+        drop(out);
+        // Check the copy as the loader will see it: read back, it hashes
+        // the same.
+        let copied = fs::File::open(&copy).and_then(|mut copied| {
+            let mut hasher = Sha256::new();
+            std::io::copy(&mut copied, &mut hasher)?;
+            Ok(hex(&hasher.finalize()))
+        });
+        if copied.ok().as_deref() != Some(sha256.as_str()) {
+            return Err(remove(failed(format!(
                 "the private copy of '{}' differs from what was read",
                 path.display()
-            )));
+            ))));
         }
         Ok(Snapshot {
             copy,
