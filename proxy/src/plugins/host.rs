@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashMap,
-    io::Write,
+    io::{BufReader, Write},
     os::{fd::FromRawFd, unix::net::UnixStream},
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
@@ -44,12 +44,15 @@ struct Instance {
     task: OnceLock<Result<Arc<TaskHandle>, String>>,
 }
 
+/// The task instances defined so far, by id.
+type Instances = HashMap<u64, Arc<Instance>>;
+
 /// What the host's threads share.
 struct Shared {
     /// The socket's reading end and the instances defined so far: whoever
     /// holds it reads the next request (leader/follower, so a request goes
     /// from the socket to the thread that runs it without a hand-off).
-    reader: Mutex<(UnixStream, HashMap<u64, Arc<Instance>>)>,
+    reader: Mutex<(BufReader<UnixStream>, Instances)>,
     replies: Replies,
     library: Library,
     module: String,
@@ -109,7 +112,9 @@ pub fn main(args: HostArgs) -> ! {
         }
     };
     let shared = Arc::new(Shared {
-        reader: Mutex::new((reader, HashMap::new())),
+        // Many requests in one read when many calls are in flight; the
+        // next thread to lead takes the buffered ones without a read.
+        reader: Mutex::new((BufReader::with_capacity(64 * 1024, reader), HashMap::new())),
         replies,
         library,
         module: args.module,

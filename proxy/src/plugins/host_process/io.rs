@@ -4,37 +4,125 @@
 
 use std::{
     os::unix::process::ExitStatusExt,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
 };
 
 use prost::Message;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt},
-    sync::mpsc,
-};
+use tokio::{io::AsyncBufReadExt, sync::Notify};
 
 use super::Host;
 use crate::plugins::wire::{self, Reply};
 
-pub(super) async fn write_frames(
-    mut socket: tokio::net::unix::OwnedWriteHalf,
-    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
-) {
-    while let Some(mut batch) = frames.recv().await {
-        while let Ok(more) = frames.try_recv() {
-            batch.extend_from_slice(&more);
+/// The socket's writing end, shared by the calls. A call whose frame finds
+/// no write in progress writes it itself, at once, with a non-blocking
+/// write (no hand-off to another task: one wake-up less per run when
+/// calls are few); what the socket does not take then, and every frame
+/// that comes while it is being written, is queued, and the writer task
+/// writes all that is queued in one write (batches when calls are many).
+pub(super) struct Frames {
+    socket: tokio::net::unix::OwnedWriteHalf,
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Bytes the writer task has yet to write; empty unless `writing`.
+    bytes: Vec<u8>,
+    /// The writer task owns the socket until the queue is empty.
+    writing: bool,
+    /// The socket failed, or the host is gone.
+    closed: bool,
+}
+
+impl Frames {
+    pub(super) fn new(socket: tokio::net::unix::OwnedWriteHalf) -> Frames {
+        Frames {
+            socket,
+            queue: Mutex::default(),
+            wake: Notify::new(),
         }
-        if socket.write_all(&batch).await.is_err() {
-            return;
+    }
+
+    /// Sends `frame`, in order with every frame sent before it; false once
+    /// the socket failed or was closed.
+    pub(super) fn send(&self, frame: &[u8]) -> bool {
+        let mut queue = self.queue.lock().expect("frames poisoned");
+        if queue.closed {
+            return false;
+        }
+        if queue.writing {
+            queue.bytes.extend_from_slice(frame);
+            return true;
+        }
+        let written = match self.socket.try_write(frame) {
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                queue.closed = true;
+                return false;
+            }
+        };
+        if written < frame.len() {
+            queue.bytes.extend_from_slice(&frame[written..]);
+            queue.writing = true;
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Ends the writer task; later sends fail.
+    pub(super) fn close(&self) {
+        self.queue.lock().expect("frames poisoned").closed = true;
+        self.wake.notify_one();
+    }
+}
+
+/// Writes what [`Frames::send`] queued, until the frames are closed.
+pub(super) async fn write_frames(frames: Arc<Frames>) {
+    loop {
+        frames.wake.notified().await;
+        loop {
+            let batch = {
+                let mut queue = frames.queue.lock().expect("frames poisoned");
+                if queue.closed {
+                    return;
+                }
+                if queue.bytes.is_empty() {
+                    queue.writing = false;
+                    break;
+                }
+                std::mem::take(&mut queue.bytes)
+            };
+            let mut at = 0;
+            while at < batch.len() {
+                let written = match frames.socket.writable().await {
+                    Ok(()) => match frames.socket.try_write(&batch[at..]) {
+                        Ok(n) => Ok(n),
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+                        Err(err) => Err(err),
+                    },
+                    Err(err) => Err(err),
+                };
+                match written {
+                    Ok(n) => at += n,
+                    Err(_) => {
+                        frames.queue.lock().expect("frames poisoned").closed = true;
+                        return;
+                    }
+                }
+            }
         }
     }
 }
 
 pub(super) async fn read_replies(
     host: Arc<Host>,
-    mut socket: tokio::net::unix::OwnedReadHalf,
+    socket: tokio::net::unix::OwnedReadHalf,
     mut child: tokio::process::Child,
 ) {
+    // Many replies in one read when many calls are in flight.
+    let mut socket = tokio::io::BufReader::with_capacity(64 * 1024, socket);
     loop {
         tokio::select! {
             frame = wire::read_async(&mut socket) => match frame {

@@ -24,9 +24,9 @@ use std::{
 };
 
 use prost::Message;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
-use self::io::{describe, forward_output, read_replies, write_frames};
+use self::io::{Frames, describe, forward_output, read_replies, write_frames};
 use super::{
     files,
     supervisor::{Call, CallError, CallResult, HostConfig},
@@ -41,7 +41,7 @@ const BASE_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
 pub(super) struct Host {
     module: String,
     pub(super) pid: u32,
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: Arc<Frames>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>,
     /// Instances whose definition this host has been sent; held while
     /// sending, so the definition always precedes its first use.
@@ -165,11 +165,11 @@ impl Host {
                 &format!("plugins/{}", files::library_file_name(module)),
             )));
         }
-        let (frames, queued) = mpsc::unbounded_channel();
+        let frames = Arc::new(Frames::new(writer));
         let host = Arc::new(Host {
             module: module.to_owned(),
             pid,
-            frames,
+            frames: frames.clone(),
             pending: Mutex::default(),
             defined: Mutex::default(),
             next_id: AtomicU64::new(1),
@@ -183,7 +183,7 @@ impl Host {
             grace: config.recycle_grace,
             in_a_row,
         });
-        tokio::spawn(write_frames(writer, queued));
+        tokio::spawn(write_frames(frames));
         ::metrics::gauge!(crate::metrics::HOSTS_ALIVE).increment(1.0);
         tokio::spawn(read_replies(host.clone(), reader, child));
         tracing::debug!(
@@ -236,7 +236,7 @@ impl Host {
             }
             let mut frame = Vec::new();
             wire::encode(&request, &mut frame);
-            if self.frames.send(frame).is_err() {
+            if !self.frames.send(&frame) {
                 defined.remove(&instance);
             }
         }
@@ -315,6 +315,13 @@ impl<'a> InFlight<'a> {
         host.inflight.fetch_add(1, Ordering::AcqRel);
         *host.last_used.lock().expect("last use poisoned") = Instant::now();
         InFlight { host, id }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // The writer task ends, and with it the socket's writing end.
+        self.frames.close();
     }
 }
 
