@@ -5,6 +5,7 @@
 /// `bytes`. `cp` writes from the start, so a file it is still writing ends
 /// before its section header table (which linkers put last). Files that
 /// are not ELF are left to the dynamic loader to refuse.
+#[cfg(test)]
 pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
     check_complete_at(bytes.len() as u64, |at, out| {
         let at = usize::try_from(at).ok()?;
@@ -13,7 +14,8 @@ pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
     })
 }
 
-/// [`check_complete`] for a file of `len` bytes, read where needed.
+/// Whether the ELF file `file`, of `len` bytes, is complete (see
+/// `check_complete`), reading only the header fields it needs.
 pub fn check_file_complete(file: &std::fs::File, len: u64) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
     check_complete_at(len, |at, out| file.read_exact_at(out, at).ok())

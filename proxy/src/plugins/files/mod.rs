@@ -13,7 +13,7 @@
 use std::{
     collections::HashSet,
     fs,
-    io::{Read, Write},
+    io::Write,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
@@ -29,7 +29,7 @@ use crate::error::PluginError;
 
 mod elf;
 
-pub use elf::{check_complete, check_file_complete};
+pub use elf::check_file_complete;
 
 /// The file name the platform gives the library of `module`.
 pub fn library_file_name(module: &str) -> String {
@@ -244,96 +244,108 @@ impl Copies {
         };
         let mut file = fs::File::open(path)
             .map_err(|err| failed(format!("opening '{}': {err}", path.display())))?;
-        let before = file
-            .metadata()
-            .map_err(|err| failed(format!("reading '{}': {err}", path.display())))?;
         let copy = self.dir.path().join(format!(
             "{}-{}",
             self.next.fetch_add(1, Ordering::Relaxed),
             library_file_name(module)
         ));
-        // The library streams through a small buffer into the copy and the
-        // hash: a copy of some MiB never sits in memory (it would stay in the
-        // process's peak resident memory).
-        let mut out = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&copy)
-            .map_err(|err| failed(format!("copying '{}': {err}", path.display())))?;
-        let remove = |err: SnapshotError| {
+        let written = self.write_copy(&mut file, path, &copy, serving, failed);
+        if written.is_err() {
             let _ = fs::remove_file(&copy);
-            err
-        };
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 64 * 1024];
-        let mut len = 0u64;
-        loop {
-            let n = match file.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    return Err(remove(failed(format!(
-                        "reading '{}': {err}",
-                        path.display()
-                    ))));
-                }
-            };
-            hasher.update(&buffer[..n]);
-            out.write_all(&buffer[..n])
-                .map_err(|err| remove(failed(format!("copying '{}': {err}", path.display()))))?;
-            len += n as u64;
         }
-        let after = file
-            .metadata()
-            .map_err(|err| remove(failed(format!("reading '{}': {err}", path.display()))))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        check_trusted(dir, path, &after).map_err(|why| remove(failed(why)))?;
-        let fingerprint = Fingerprint::of(&before);
-        if fingerprint != Fingerprint::of(&after) || len != after.len() {
-            return Err(remove(SnapshotError::Incomplete(format!(
-                "'{}' changed while it was read",
-                path.display()
-            ))));
-        }
-        check_file_complete(&out, len).map_err(|why| {
-            remove(SnapshotError::Incomplete(format!(
-                "'{}' is incomplete: {why}",
-                path.display()
-            )))
-        })?;
-        let sha256 = hex(&hasher.finalize());
-        if serving == Some(sha256.as_str()) {
-            return Err(remove(SnapshotError::Unchanged(fingerprint)));
-        }
-        if !self.allowed.admits(&sha256) {
-            return Err(remove(failed(format!(
-                "refusing '{}': its build (sha256 {sha256}) is not in the --plugin-sha256 allow-list",
-                path.display()
-            ))));
-        }
-        out.sync_data()
-            .map_err(|err| remove(failed(format!("copying '{}': {err}", path.display()))))?;
-        drop(out);
-        // Check the copy as the loader will see it: read back, it hashes
-        // the same.
-        let copied = fs::File::open(&copy).and_then(|mut copied| {
-            let mut hasher = Sha256::new();
-            std::io::copy(&mut copied, &mut hasher)?;
-            Ok(hex(&hasher.finalize()))
-        });
-        if copied.ok().as_deref() != Some(sha256.as_str()) {
-            return Err(remove(failed(format!(
-                "the private copy of '{}' differs from what was read",
-                path.display()
-            ))));
-        }
+        let (fingerprint, sha256) = written?;
         Ok(Snapshot {
             copy,
             fingerprint,
             sha256,
         })
+    }
+}
+
+impl Copies {
+    /// [`Copies::snapshot`]'s copy: `file` streams through a small buffer
+    /// into `copy` and its hash (a library of some MiB never sits in memory,
+    /// where it would stay in the process's peak resident memory), then the
+    /// checks; the copy is read back and hashed again. Returns the file's
+    /// fingerprint and SHA-256; the caller removes the copy on an error.
+    fn write_copy(
+        &self,
+        file: &mut fs::File,
+        path: &Path,
+        copy: &Path,
+        serving: Option<&str>,
+        failed: impl Fn(String) -> SnapshotError,
+    ) -> Result<(Fingerprint, String), SnapshotError> {
+        let reading = |err: std::io::Error| failed(format!("reading '{}': {err}", path.display()));
+        let copying = |err: std::io::Error| failed(format!("copying '{}': {err}", path.display()));
+        let before = file.metadata().map_err(reading)?;
+        let out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(copy)
+            .map_err(copying)?;
+        let mut tee = Tee {
+            out: &out,
+            hasher: Sha256::new(),
+        };
+        let len = std::io::copy(file, &mut tee).map_err(copying)?;
+        let after = file.metadata().map_err(reading)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        check_trusted(dir, path, &after).map_err(&failed)?;
+        let fingerprint = Fingerprint::of(&before);
+        if fingerprint != Fingerprint::of(&after) || len != after.len() {
+            return Err(SnapshotError::Incomplete(format!(
+                "'{}' changed while it was read",
+                path.display()
+            )));
+        }
+        check_file_complete(&out, len).map_err(|why| {
+            SnapshotError::Incomplete(format!("'{}' is incomplete: {why}", path.display()))
+        })?;
+        let sha256 = hex(&tee.hasher.finalize());
+        if serving == Some(sha256.as_str()) {
+            return Err(SnapshotError::Unchanged(fingerprint));
+        }
+        if !self.allowed.admits(&sha256) {
+            return Err(failed(format!(
+                "refusing '{}': its build (sha256 {sha256}) is not in the --plugin-sha256 allow-list",
+                path.display()
+            )));
+        }
+        out.sync_data().map_err(copying)?;
+        drop(out);
+        // Check the copy as the loader will see it.
+        let copied = fs::File::open(copy).and_then(|mut copied| {
+            let mut hasher = Sha256::new();
+            std::io::copy(&mut copied, &mut hasher)?;
+            Ok(hex(&hasher.finalize()))
+        });
+        if copied.ok().as_deref() != Some(sha256.as_str()) {
+            return Err(failed(format!(
+                "the private copy of '{}' differs from what was read",
+                path.display()
+            )));
+        }
+        Ok((fingerprint, sha256))
+    }
+}
+
+/// Writes to a file and a hash at once.
+struct Tee<'a> {
+    out: &'a fs::File,
+    hasher: Sha256,
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 
