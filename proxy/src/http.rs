@@ -10,6 +10,8 @@ use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
+use crate::lifecycle::Lifecycle;
+
 /// A readiness check: `Err` says what is not ready.
 pub type Check =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
@@ -19,25 +21,23 @@ struct Ops {
     ready: Check,
 }
 
-/// Binds the listener, refusing addresses beyond loopback.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+/// Starts the operations listener on `addr` (refused beyond loopback):
+/// `/metrics`, `/healthz`, `/readyz` answered by `ready`, and `console`
+/// when given, served on `life` until it stops. Installs the metrics
+/// recorder first, so an address or recorder problem fails the start.
+pub async fn start(
+    addr: SocketAddr,
+    ready: Check,
+    console: Option<Router>,
+    life: &Lifecycle,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         addr.ip().is_loopback(),
         "--http-addr {addr} is beyond loopback, and the operations listener has no TLS or authentication: bind it to 127.0.0.1 or [::1] (put a TLS-terminating proxy in front to reach it from elsewhere)"
     );
-    tokio::net::TcpListener::bind(addr)
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("binding --http-addr {addr}: {e}"))
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until
-/// `shutdown` completes. Installs the metrics recorder.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    ready: Check,
-    console: Option<Router>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+        .map_err(|e| anyhow::anyhow!("binding --http-addr {addr}: {e}"))?;
     crate::metrics::install()?;
     let ops = Router::new()
         .route("/metrics", get(metrics))
@@ -48,12 +48,16 @@ pub async fn serve(
         Some(console) => ops.merge(console),
         None => ops,
     };
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "operations listener up: /metrics, /healthz, /readyz");
-    }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    tracing::info!(%addr, "operations listener up: /metrics, /healthz, /readyz");
+    let shutdown = life.token().clone().cancelled_owned();
+    life.spawn("operations listener", async move {
+        if let Err(err) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %err, "the operations listener stopped");
+        }
+    });
     Ok(())
 }
 

@@ -88,7 +88,6 @@ pub async fn run(
         upkeep(registry.clone(), config.retain, life.token().clone()),
     );
     if let Some(addr) = config.http_addr {
-        let listener = crate::http::bind(addr).await?;
         let ready: crate::http::Check = {
             let registry = registry.clone();
             Arc::new(move || {
@@ -96,21 +95,12 @@ pub async fn run(
                 Box::pin(async move { database_ready(registry).await })
             })
         };
-        crate::metrics::install()?;
         let console =
             crate::console::Console::new(registry.clone(), plugins.clone(), keys.clone())?.router();
+        crate::http::start(addr, ready, Some(console), &life).await?;
         life.spawn(
             "run statistics",
             run_stats(registry.clone(), life.token().clone()),
-        );
-        life.spawn(
-            "operations listener",
-            crate::http::serve(
-                listener,
-                ready,
-                Some(console),
-                life.token().clone().cancelled_owned(),
-            ),
         );
     }
     life.spawn(

@@ -187,7 +187,6 @@ pub async fn run(
         shutdown: life.token().clone(),
     });
     if let Some(addr) = config.http_addr {
-        let listener = crate::http::bind(addr).await?;
         let registry = ctx.registry.clone();
         let ready: crate::http::Check = Arc::new(move || {
             let registry = registry.clone();
@@ -199,16 +198,7 @@ pub async fn run(
                 Ok(())
             })
         });
-        crate::metrics::install()?;
-        life.spawn(
-            "operations listener",
-            crate::http::serve(
-                listener,
-                ready,
-                None,
-                life.token().clone().cancelled_owned(),
-            ),
-        );
+        crate::http::start(addr, ready, None, &life).await?;
     }
     tracing::info!(worker = %config.name, queue = %config.queue.queue, "worker started");
     life.spawn(
