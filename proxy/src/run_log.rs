@@ -112,15 +112,34 @@ impl RunLog {
     }
 }
 
+/// The most records one batch writes.
+const BATCH_RECORDS: usize = 1000;
+
+/// How long the writer lets records gather once one has come, so that a
+/// busy serve writes one transaction (one WAL flush) per this interval and
+/// not one per record or two: the log is behind the response, and a
+/// record is at most this much later in it.
+const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
 async fn write(
     registry: Registry,
     mut rx: mpsc::UnboundedReceiver<(SyncRun, usize)>,
     backlog: Arc<Backlog>,
 ) {
-    let mut received = Vec::with_capacity(1000);
+    let mut received = Vec::with_capacity(BATCH_RECORDS);
     let mut backoff = Backoff::reconnect();
-    // Whatever piled up during the previous write goes in the next one.
-    while rx.recv_many(&mut received, 1000).await > 0 {
+    // Whatever piled up during the previous write and the linger goes in
+    // the next one.
+    while rx.recv_many(&mut received, BATCH_RECORDS).await > 0 {
+        if received.len() < BATCH_RECORDS {
+            tokio::time::sleep(BATCH_LINGER).await;
+            while received.len() < BATCH_RECORDS {
+                match rx.try_recv() {
+                    Ok(record) => received.push(record),
+                    Err(_) => break,
+                }
+            }
+        }
         let bytes: usize = received.iter().map(|(_, size)| size).sum();
         let mut batch: Vec<SyncRun> = received.drain(..).map(|(run, _)| run).collect();
         loop {
