@@ -48,7 +48,9 @@ pub async fn start(
         Some(console) => ops.merge(console),
         None => ops,
     };
-    tracing::info!(%addr, "operations listener up: /metrics, /healthz, /readyz");
+    // The bound address: with port 0 the system picked one.
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "operations listener up: /metrics, /healthz, /readyz");
     let shutdown = life.token().clone().cancelled_owned();
     life.spawn("operations listener", async move {
         if let Err(err) = axum::serve(listener, app)
