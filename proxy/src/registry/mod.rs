@@ -5,6 +5,7 @@
 //! reports changes to a form's tasks is in `listen`; the queries on runs, one
 //! module per actor, are in `runs`.
 
+pub mod cached;
 mod console;
 mod keys;
 mod listen;

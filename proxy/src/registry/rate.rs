@@ -15,7 +15,7 @@ use diesel::{
 };
 use uuid::Uuid;
 
-use super::{Registry, schema::tasks};
+use super::{Registry, cached::cached_sql, schema::tasks};
 use crate::error::RegistryError;
 
 /// A task's pace: where it draws its start times from, and how far apart.
@@ -38,7 +38,7 @@ impl Registry {
     /// earliest time after the starts already reserved.
     pub fn reserve_slot(&self, pace: &Pace) -> Result<DateTime<Utc>, RegistryError> {
         let mut conn = self.conn()?;
-        let row: Slot = diesel::sql_query(
+        let row: Slot = cached_sql(
             "INSERT INTO rate_slots AS r (bucket, next_at) \
              VALUES ($1, now() + make_interval(secs => $2)) \
              ON CONFLICT (bucket) DO UPDATE \

@@ -302,3 +302,56 @@ async fn a_claim_reads_only_its_runs_after_a_burst() {
         "claiming {CLAIMED} runs read {read} index entries of task_runs"
     );
 }
+
+/// The worker's hot statements are raw SQL; written with `cached_sql`,
+/// PostgreSQL prepares each once per connection instead of parsing and
+/// planning it on every call. A placeholder used twice binds its value
+/// twice, and one without a value is an error that names it.
+#[test]
+fn cached_sql_is_prepared_once_per_connection() {
+    use diesel::{
+        prelude::*,
+        sql_types::{Integer, Text},
+    };
+    use proxy::registry::cached::cached_sql;
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Row {
+        #[diesel(sql_type = Integer)]
+        n: i32,
+        #[diesel(sql_type = Text)]
+        s: String,
+    }
+    let db = TestDb::new();
+    let mut conn = PgConnection::establish(&db.url).expect("connecting");
+    let sql = "SELECT $1::int4 + $1::int4 AS n, $2::text || '/cached' AS s";
+    for n in 1..=3 {
+        let row: Row = cached_sql(sql)
+            .bind::<Integer, _>(n)
+            .bind::<Text, _>(format!("call {n}"))
+            .get_result(&mut conn)
+            .expect("the statement runs");
+        assert_eq!(
+            row,
+            Row {
+                n: 2 * n,
+                s: format!("call {n}/cached")
+            }
+        );
+    }
+    let prepared: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%/cached%'",
+    )
+    .get_result(&mut conn)
+    .expect("counted");
+    assert_eq!(prepared, 1, "three calls, one prepared statement");
+
+    let missing = cached_sql("SELECT $2::int4 AS n")
+        .bind::<Integer, _>(1)
+        .execute(&mut conn)
+        .expect_err("$2 has no value");
+    assert!(
+        missing.to_string().contains("$2 has no bind"),
+        "the error names the placeholder: {missing}"
+    );
+}

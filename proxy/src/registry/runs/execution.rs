@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{PENDING, RunState};
 use crate::{
     error::RegistryError,
-    registry::{Registry, schema::task_runs},
+    registry::{Registry, cached::cached_sql, schema::task_runs},
 };
 
 /// A run claimed by a worker: everything needed to execute it.
@@ -151,7 +151,7 @@ impl Registry {
             return Ok(Vec::new());
         }
         let mut conn = self.conn()?;
-        let rows: Vec<ClaimedRow> = diesel::sql_query(
+        let rows: Vec<ClaimedRow> = cached_sql(
             "UPDATE task_runs t SET \
                  state = 'running', \
                  attempts = CASE WHEN t.claim_token IS NOT DISTINCT FROM i.token \
@@ -222,7 +222,7 @@ impl Registry {
             return Ok(0);
         }
         let mut conn = self.conn()?;
-        Ok(diesel::sql_query(
+        Ok(cached_sql(
             "UPDATE task_runs t SET lease_until = now() + make_interval(secs => $3) \
              FROM unnest($1, $2) AS h(id, token) \
              WHERE t.id = h.id AND t.claim_token = h.token AND t.state = 'running'",
@@ -308,7 +308,7 @@ impl Registry {
         // (`finished_by`); only a retried one adds a row to
         // `task_run_attempts`, as does a stale execution (its run another
         // delivery has taken over): it is logged, not stored.
-        diesel::sql_query(
+        cached_sql(
             "WITH i AS (SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $9) \
                         AS i(id, attempt, kind, output, error, next_at, started_at, waited_ms)), \
              stored AS (UPDATE task_runs t SET \

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::{Run, RunState};
 use crate::{
     error::RegistryError,
-    registry::{Registry, schema::sync_runs},
+    registry::{Registry, cached::cached_sql, schema::sync_runs},
 };
 
 /// A finished synchronous run, for the log (one attempt, never published).
@@ -138,8 +138,8 @@ fn lock_partitions(conn: &mut PgConnection) -> Result<bool, diesel::result::Erro
 
 impl Registry {
     /// Writes finished synchronous runs into `sync_runs`: one statement of
-    /// ten array parameters whatever the batch's size, so PostgreSQL parses
-    /// and plans it in constant time. Append-only: a replayed submission's
+    /// ten array parameters whatever the batch's size, so PostgreSQL prepares
+    /// it once per connection. Append-only: a replayed submission's
     /// runs are written again, and readers show the first record per
     /// (submission, task).
     pub fn record_sync_runs(&self, runs: &[SyncRun]) -> Result<(), RegistryError> {
@@ -149,7 +149,7 @@ impl Registry {
         }
         let column = |f: fn(&SyncRun) -> Uuid| runs.iter().map(f).collect::<Vec<_>>();
         let mut conn = self.conn()?;
-        diesel::sql_query(
+        cached_sql(
             "INSERT INTO sync_runs (id, submission_id, form_id, task_id, task_name, state, \
                  error, output, started_at, finished_at) \
              SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
