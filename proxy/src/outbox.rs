@@ -54,6 +54,7 @@ impl Acceptor {
             "outbox writer",
             writers,
             256,
+            Duration::ZERO,
             move |requests: Vec<Acceptance>| {
                 let registry = registry.clone();
                 async move {

@@ -5,7 +5,7 @@ use std::{future::Future, sync::Arc};
 
 use tokio_util::sync::CancellationToken;
 
-use super::BATCH;
+use super::{BATCH, LINGER};
 use crate::{
     backoff::Backoff,
     batch::Batcher,
@@ -15,7 +15,8 @@ use crate::{
 };
 
 /// Writes concurrent deliveries' requests in batches of up to [`BATCH`] with
-/// `op` (one answer per request), two batches at a time. Transient failures
+/// `op` (one answer per request), one batch at a time, each gathered for
+/// [`LINGER`] at least. Transient failures
 /// are retried with [`with_db`]; any other failure splits the batch until the
 /// request at fault stands alone, which is answered by `refused` instead, so
 /// one bad request never holds up (or retries forever) the others. On
@@ -35,17 +36,24 @@ where
 {
     let (registry, shutdown) = (registry.clone(), life.token().clone());
     let (op, refused) = (Arc::new(op), Arc::new(refused));
-    Batcher::start(life, writers, 2, BATCH, move |requests: Vec<Req>| {
-        let (registry, shutdown) = (registry.clone(), shutdown.clone());
-        let (op, refused) = (op.clone(), refused.clone());
-        let requests = Arc::new(requests);
-        async move {
-            let all = 0..requests.len();
-            write_split(&registry, &shutdown, what, &op, &refused, &requests, all)
-                .await
-                .unwrap_or_default()
-        }
-    })
+    Batcher::start(
+        life,
+        writers,
+        1,
+        BATCH,
+        LINGER,
+        move |requests: Vec<Req>| {
+            let (registry, shutdown) = (registry.clone(), shutdown.clone());
+            let (op, refused) = (op.clone(), refused.clone());
+            let requests = Arc::new(requests);
+            async move {
+                let all = 0..requests.len();
+                write_split(&registry, &shutdown, what, &op, &refused, &requests, all)
+                    .await
+                    .unwrap_or_default()
+            }
+        },
+    )
 }
 
 /// Answers `requests[range]`, splitting on deterministic failures; `None`
