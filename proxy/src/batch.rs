@@ -64,15 +64,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                     if waiting.recv_many(&mut batch, max).await == 0 {
                         return;
                     }
-                    if !linger.is_zero() && batch.len() < max {
-                        tokio::time::sleep(linger).await;
-                        while batch.len() < max {
-                            match waiting.try_recv() {
-                                Ok(request) => batch.push(request),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                    gather_more(&mut batch, max, linger, || waiting.try_recv().ok()).await;
                     drop(waiting);
                     let (requests, replies): (Vec<_>, Vec<_>) =
                         std::mem::take(&mut batch).into_iter().unzip();
@@ -91,6 +83,27 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         let (reply, answer) = oneshot::channel();
         self.tx.send((request, reply)).await.ok()?;
         answer.await.ok()
+    }
+}
+
+/// Lets a batch that has begun (and holds fewer than `max`) gather for
+/// `linger`, then adds what came meanwhile, from `next`, up to `max`. No
+/// wait with a zero `linger` or a full batch.
+pub(crate) async fn gather_more<T>(
+    batch: &mut Vec<T>,
+    max: usize,
+    linger: Duration,
+    mut next: impl FnMut() -> Option<T>,
+) {
+    if linger.is_zero() || batch.len() >= max {
+        return;
+    }
+    tokio::time::sleep(linger).await;
+    while batch.len() < max {
+        match next() {
+            Some(item) => batch.push(item),
+            None => break,
+        }
     }
 }
 

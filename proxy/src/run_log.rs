@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     backoff::Backoff,
+    batch::gather_more,
     error::RegistryError,
     lifecycle::Lifecycle,
     registry::{Registry, SyncRun},
@@ -131,15 +132,10 @@ async fn write(
     // Whatever piled up during the previous write and the linger goes in
     // the next one.
     while rx.recv_many(&mut received, BATCH_RECORDS).await > 0 {
-        if received.len() < BATCH_RECORDS {
-            tokio::time::sleep(BATCH_LINGER).await;
-            while received.len() < BATCH_RECORDS {
-                match rx.try_recv() {
-                    Ok(record) => received.push(record),
-                    Err(_) => break,
-                }
-            }
-        }
+        gather_more(&mut received, BATCH_RECORDS, BATCH_LINGER, || {
+            rx.try_recv().ok()
+        })
+        .await;
         let bytes: usize = received.iter().map(|(_, size)| size).sum();
         let mut batch: Vec<SyncRun> = received.drain(..).map(|(run, _)| run).collect();
         loop {
