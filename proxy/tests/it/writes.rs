@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use proxy::registry::{Acceptance, TaskDef};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -97,5 +98,118 @@ async fn a_drained_run_costs_one_insert_a_claim_and_a_finish() {
             .collect::<Vec<_>>(),
         [(1, "succeeded")],
         "the run's history still shows its execution"
+    );
+}
+
+/// One accept batch mixing every case: new submissions (one with a twin
+/// that is identical, one with a twin that differs), replays that match,
+/// replays with another form or payload, and a replay of a form that has a
+/// task attached since. Each request gets its own verdict, and only the new
+/// submissions and the newly attached task's run are written.
+#[test]
+fn one_accept_batch_stores_the_new_and_checks_the_replayed() {
+    let db = TestDb::new();
+    let registry = db.registry();
+    let (form, other_form) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = db.attach_with(async_task(form, "first", "config", json!({}), 3));
+    let request =
+        |form: Uuid, submission: Uuid, payload: serde_json::Value, tasks: &[&TaskDef]| Acceptance {
+            form,
+            submission,
+            payload,
+            context: None,
+            tasks: tasks.iter().map(|t| (*t).clone()).collect(),
+            trace: None,
+        };
+    let payload = |n: u32| json!({ "answers": { "n": n } });
+    let stored: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let before = registry
+        .accept(
+            &stored
+                .iter()
+                .map(|s| request(form, *s, payload(1), &[&first]))
+                .collect::<Vec<_>>(),
+            Duration::ZERO,
+        )
+        .expect("stored");
+    let first_runs: Vec<Uuid> = before
+        .iter()
+        .map(|r| r.as_ref().expect("new")[0].run_id)
+        .collect();
+    let second = db.attach_with(async_task(form, "second", "config", json!({}), 3));
+    let (new, twin) = (Uuid::new_v4(), Uuid::new_v4());
+    let both = [&first, &second];
+    let batch = [
+        request(form, new, payload(2), &both),
+        request(form, twin, payload(3), &both),
+        request(form, twin, payload(3), &both),
+        request(form, twin, payload(4), &both),
+        request(form, stored[0], payload(1), &both),
+        request(other_form, stored[1], payload(1), &both),
+        request(form, stored[2], payload(5), &both),
+    ];
+    let results = registry.accept(&batch, Duration::ZERO).expect("accepted");
+    let runs = |i: usize| -> Vec<(Uuid, Uuid)> {
+        let mut runs: Vec<_> = results[i]
+            .as_ref()
+            .unwrap_or_else(|conflict| panic!("request {i}: {conflict:?}"))
+            .iter()
+            .map(|a| (a.task_id, a.run_id))
+            .collect();
+        runs.sort();
+        runs
+    };
+    let conflict = |i: usize| match &results[i] {
+        Err(proxy::registry::Replay::Conflict(why)) => why.clone(),
+        Ok(runs) => panic!("request {i} was accepted: {runs:?}"),
+    };
+    assert_eq!(runs(0).len(), 2, "a new submission gets a run per task");
+    assert_eq!(runs(1).len(), 2);
+    assert_eq!(runs(1), runs(2), "identical twins share their runs");
+    assert!(
+        conflict(3).contains("twice at once"),
+        "a twin that differs: {}",
+        conflict(3)
+    );
+    let replayed = runs(4);
+    assert_eq!(
+        replayed.len(),
+        2,
+        "the replay finds its run and gets the new task's"
+    );
+    assert!(
+        replayed.contains(&(first.id, first_runs[0])),
+        "{replayed:?}"
+    );
+    assert!(
+        conflict(5).contains(&format!("already submitted for form {form}")),
+        "another form: {}",
+        conflict(5)
+    );
+    assert!(
+        conflict(6).contains("different submission"),
+        "another payload: {}",
+        conflict(6)
+    );
+    let stored_now: i64 = db
+        .query_one("SELECT count(*)::text FROM submissions")
+        .parse()
+        .expect("a count");
+    assert_eq!(stored_now, 5, "three stored before, two new");
+    let runs_now: i64 = db
+        .query_one("SELECT count(*)::text FROM task_runs")
+        .parse()
+        .expect("a count");
+    assert_eq!(
+        runs_now,
+        3 + 2 + 2 + 1,
+        "old runs, two new submissions', the attached task's"
+    );
+    let twin_payload = db.query_one(&format!(
+        "SELECT payload::text FROM submissions WHERE id = '{twin}'"
+    ));
+    assert!(
+        twin_payload.contains("3"),
+        "the first twin is stored: {twin_payload}"
     );
 }
