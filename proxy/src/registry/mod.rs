@@ -9,6 +9,7 @@ pub mod cached;
 mod console;
 mod keys;
 mod listen;
+mod pool;
 mod rate;
 mod retention;
 mod runs;
@@ -31,9 +32,8 @@ use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    PgConnection,
     prelude::*,
-    r2d2::{ConnectionManager, Pool, PooledConnection},
+    r2d2::{Pool, PooledConnection},
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use uuid::Uuid;
@@ -163,7 +163,7 @@ impl std::fmt::Debug for DbConfig {
 /// The task registry: a connection pool and the queries on `tasks`.
 #[derive(Clone)]
 pub struct Registry {
-    pool: Pool<ConnectionManager<PgConnection>>,
+    pool: Pool<pool::Manager>,
     url: Arc<str>,
 }
 
@@ -184,16 +184,14 @@ impl Registry {
             .connection_timeout(config.timeout)
             // r2d2 logs connection errors on its own; ours name the operation.
             .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
-            .build_unchecked(ConnectionManager::new(config.url.clone()));
+            .build_unchecked(pool::Manager::new(&config.url));
         Registry {
             pool,
             url: config.url.as_str().into(),
         }
     }
 
-    pub(crate) fn conn(
-        &self,
-    ) -> Result<PooledConnection<ConnectionManager<PgConnection>>, RegistryError> {
+    pub(crate) fn conn(&self) -> Result<PooledConnection<pool::Manager>, RegistryError> {
         let wait = crate::metrics::hot::pool_wait().map(|h| (h, std::time::Instant::now()));
         let conn = self.pool.get();
         if let Some((histogram, started)) = wait {

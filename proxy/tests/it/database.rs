@@ -153,3 +153,34 @@ fn a_deadlock_is_a_transient_error_to_retry() {
         "a deadlock is retried, not refused: {err:?}"
     );
 }
+
+/// The pool hands out a connection that just worked without checking it
+/// (`registry::pool`); one whose server went away is still replaced: at
+/// once after a pause, and after one failed statement when it was in use a
+/// moment before.
+#[test]
+fn a_pooled_connection_whose_backend_was_terminated_is_replaced() {
+    let db = TestDb::new();
+    let config = proxy::DbConfig {
+        pool_size: 1,
+        ..db_config(&db.url)
+    };
+    let registry = proxy::registry::Registry::new(&config);
+    let kill = || {
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+    };
+    registry.list(None).expect("listed");
+    kill();
+    std::thread::sleep(Duration::from_millis(300));
+    registry
+        .list(None)
+        .expect("after a pause the dead connection is checked and replaced");
+    kill();
+    let first = registry.list(None);
+    registry.list(None).unwrap_or_else(|err| {
+        panic!("a failed statement ({first:?}) sends the connection to be checked: {err}")
+    });
+}
