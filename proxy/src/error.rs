@@ -46,32 +46,44 @@ impl From<diesel::result::Error> for RegistryError {
 }
 
 impl RegistryError {
+    /// Whether the database could not be reached for this call: no
+    /// connection could be had, or the one in use was lost under it (closed
+    /// by the server or the network, or a command could not be sent).
+    pub fn is_unreachable(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        matches!(
+            self,
+            RegistryError::Unavailable(_)
+                | RegistryError::Connect(_)
+                | RegistryError::Query(Error::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                    _,
+                ))
+        )
+    }
+
     /// Whether trying again may succeed: the database was unreachable, the
     /// connection broke, or a transaction lost a serialization race or a
     /// deadlock. Any
     /// other failure would happen again on the same input.
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
+        if self.is_unreachable() {
+            return true;
+        }
         match self {
-            RegistryError::Unavailable(_) | RegistryError::Connect(_) => true,
-            RegistryError::Query(err) => match err {
+            RegistryError::Query(
                 Error::BrokenTransactionManager
-                | Error::DatabaseError(
-                    DatabaseErrorKind::SerializationFailure
-                    | DatabaseErrorKind::ClosedConnection
-                    | DatabaseErrorKind::UnableToSendCommand,
-                    _,
-                ) => true,
-                // A deadlock (40P01, which diesel does not name) aborted
-                // this statement to let another finish: running it again
-                // succeeds. Concurrent batches that update the same rows in
-                // different orders (a publish mark, a finish) can meet so.
-                Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
-                    info.message().starts_with("deadlock detected")
-                }
-                _ => false,
-            },
-            RegistryError::Migration(_) | RegistryError::UnknownRunState(_) => false,
+                | Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _),
+            ) => true,
+            // A deadlock (40P01, which diesel does not name) aborted this
+            // statement to let another finish: running it again succeeds.
+            // Concurrent batches that update the same rows in different
+            // orders (a publish mark, a finish) can meet so.
+            RegistryError::Query(Error::DatabaseError(DatabaseErrorKind::Unknown, info)) => {
+                info.message().starts_with("deadlock detected")
+            }
+            _ => false,
         }
     }
 }

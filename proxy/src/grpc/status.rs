@@ -10,11 +10,10 @@ pub(super) fn registry_status(err: impl std::ops::Deref<Target = RegistryError>)
     let err = &*err;
     // The detail (host, driver message) goes to the log, not to the caller.
     tracing::error!(error = %err, cause = ?std::error::Error::source(err).map(|s| s.to_string()), "task registry failed");
-    match err {
-        RegistryError::Unavailable(_) | RegistryError::Connect(_) => {
-            Status::unavailable("the task registry (PostgreSQL) is unreachable; retry later")
-        }
-        _ => Status::internal("the task registry failed; see the server log"),
+    if err.is_unreachable() {
+        Status::unavailable("the task registry (PostgreSQL) is unreachable; retry later")
+    } else {
+        Status::internal("the task registry failed; see the server log")
     }
 }
 
