@@ -3,9 +3,13 @@
 //! r2d2 checks a connection's health as it hands it out, and diesel's
 //! check is a `SELECT 1`: one more round trip to PostgreSQL for every
 //! statement the outbox, the run log or a worker writes. A connection
-//! whose last statement succeeded moments ago is healthy beyond doubt, so
+//! whose last statement succeeded moments ago is almost surely healthy, so
 //! it goes out unchecked; one that failed, or that idled past [`FRESH`], is
-//! checked as before (and replaced if the check fails).
+//! checked as before (and replaced if the check fails). When an unchecked
+//! one was lost meanwhile (the server restarted, the network cut it), its
+//! statement fails as one in flight would, and the caller sees the
+//! database as unreachable (`RegistryError::is_unreachable`: `UNAVAILABLE`,
+//! and transient to the writers, which try again).
 
 use std::time::{Duration, Instant};
 
