@@ -179,23 +179,34 @@ struct Inserted {
 fn twins_that_differ(requests: &[Acceptance]) -> Vec<Option<Replay>> {
     let mut conflicts: Vec<Option<Replay>> = vec![None; requests.len()];
     let mut order: Vec<usize> = (0..requests.len()).collect();
+    // Stable: of equal ids, the first in the batch comes first.
     order.sort_by_key(|&i| requests[i].submission);
-    for (n, &later) in order.iter().enumerate() {
-        let later_request = &requests[later];
-        let first = order[..n]
-            .iter()
-            .map(|&i| &requests[i])
-            .find(|r| r.submission == later_request.submission);
-        if first.is_some_and(|first| {
-            first.form != later_request.form || first.payload != later_request.payload
-        }) {
-            conflicts[later] = Some(Replay::Conflict(format!(
-                "submission_id {} is being submitted twice at once with different forms or submissions",
-                later_request.submission
-            )));
+    for twins in order.chunk_by(|&a, &b| requests[a].submission == requests[b].submission) {
+        let first = &requests[twins[0]];
+        for &later in &twins[1..] {
+            let later_request = &requests[later];
+            if first.form != later_request.form || first.payload != later_request.payload {
+                conflicts[later] = Some(Replay::Conflict(format!(
+                    "submission_id {} is being submitted twice at once with different forms or submissions",
+                    later_request.submission
+                )));
+            }
         }
     }
     conflicts
+}
+
+/// One run per (submission, task) of `requests`, in key order (so
+/// concurrent batches lock in the same order); of twins, the first.
+fn runs_of<'a>(
+    requests: impl Iterator<Item = &'a Acceptance>,
+) -> Vec<(&'a Acceptance, &'a TaskDef)> {
+    let mut runs: Vec<(&Acceptance, &TaskDef)> = requests
+        .flat_map(|r| r.tasks.iter().map(move |t| (r, t)))
+        .collect();
+    runs.sort_by_key(|(r, t)| (r.submission, t.id));
+    runs.dedup_by_key(|(r, t)| (r.submission, t.id));
+    runs
 }
 
 /// Stores the submissions that are new, with their runs ([`INSERT_NEW`]);
@@ -206,8 +217,8 @@ fn insert_new(
     conflicts: &[Option<Replay>],
     due: DateTime<Utc>,
 ) -> QueryResult<(HashSet<Uuid>, Vec<FoundRun>)> {
-    // Rows go in key order so concurrent batches lock in the same order; of
-    // identical twins, the first is written.
+    // Rows go in key order (see `runs_of`); of identical twins, the first
+    // is written.
     let mut subs: Vec<&Acceptance> = requests
         .iter()
         .zip(conflicts)
@@ -219,12 +230,7 @@ fn insert_new(
     if subs.is_empty() {
         return Ok((HashSet::new(), Vec::new()));
     }
-    let mut runs: Vec<(&Acceptance, &TaskDef)> = subs
-        .iter()
-        .flat_map(|r| r.tasks.iter().map(move |t| (*r, t)))
-        .collect();
-    runs.sort_by_key(|(r, t)| (r.submission, t.id));
-    runs.dedup_by_key(|(r, t)| (r.submission, t.id));
+    let runs = runs_of(subs.iter().copied());
     let rows: Vec<Inserted> = cached_sql(INSERT_NEW)
         .bind::<Array<SqlUuid>, _>(subs.iter().map(|r| r.submission).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(subs.iter().map(|r| r.form).collect::<Vec<_>>())
@@ -303,32 +309,28 @@ fn replay(
             )));
         }
     }
-    let mut runs: Vec<_> = replayed
-        .iter()
-        .filter(|&&i| conflicts[i].is_none())
-        .map(|&i| &requests[i])
-        .flat_map(|r| r.tasks.iter().map(move |t| (r, t)))
-        .map(|(r, t)| {
-            (
-                (r.submission, t.id),
-                (
-                    task_runs::id.eq(Uuid::new_v4()),
-                    task_runs::submission_id.eq(r.submission),
-                    task_runs::form_id.eq(r.form),
-                    task_runs::task_id.eq(t.id),
-                    task_runs::task_name.eq(t.name.clone()),
-                    task_runs::is_async.eq(true),
-                    task_runs::state.eq(RunState::Queued),
-                    task_runs::max_attempts.eq(t.max_attempts),
-                    task_runs::next_attempt_at.eq(due),
-                    task_runs::trace_context.eq(r.trace.clone()),
-                ),
-            )
-        })
-        .collect();
-    runs.sort_by_key(|(key, _)| *key);
-    runs.dedup_by_key(|(key, _)| *key);
-    let runs: Vec<_> = runs.into_iter().map(|(_, row)| row).collect();
+    let runs: Vec<_> = runs_of(
+        replayed
+            .iter()
+            .filter(|&&i| conflicts[i].is_none())
+            .map(|&i| &requests[i]),
+    )
+    .into_iter()
+    .map(|(r, t)| {
+        (
+            task_runs::id.eq(Uuid::new_v4()),
+            task_runs::submission_id.eq(r.submission),
+            task_runs::form_id.eq(r.form),
+            task_runs::task_id.eq(t.id),
+            task_runs::task_name.eq(&t.name),
+            task_runs::is_async.eq(true),
+            task_runs::state.eq(RunState::Queued),
+            task_runs::max_attempts.eq(t.max_attempts),
+            task_runs::next_attempt_at.eq(due),
+            task_runs::trace_context.eq(r.trace.as_deref()),
+        )
+    })
+    .collect();
     if !runs.is_empty() {
         found.extend(
             diesel::insert_into(task_runs::table)
