@@ -28,7 +28,7 @@ use crate::{
     executor::{Executor, Outcome, Submission},
     outbox::{Acceptor, Outbox},
     queue::Outgoing,
-    registry::{Acceptance, Registry, Replay, RunState, SyncRun, TaskDef},
+    registry::{Acceptance, Registry, Replay, RunState, SyncRun, TaskDef, new_run_id},
     run_log::RunLog,
 };
 
@@ -200,7 +200,7 @@ impl Service {
                 .await
         };
         let sync_started = Utc::now();
-        let sync: Vec<(&TaskDef, Uuid)> = sync.into_iter().map(|t| (t, Uuid::new_v4())).collect();
+        let sync: Vec<(&TaskDef, Uuid)> = sync.into_iter().map(|t| (t, new_run_id())).collect();
         let (accepted, runs) = tokio::join!(accept, self.executor.run_all(&sync, &submission));
         let accepted = accepted
             .map_err(registry_status)?

@@ -25,7 +25,7 @@ pub use stats::RunStats;
 
 pub use runs::{
     Acceptance, Accepted, Attempt, ClaimRequest, Claimed, DeadLetter, Finish, Replay, Run,
-    RunState, SyncRun,
+    RunState, SyncRun, new_run_id,
 };
 
 use std::{sync::Arc, time::Duration};

@@ -40,6 +40,15 @@ use uuid::Uuid;
 use super::schema::task_runs;
 use crate::error::RegistryError;
 
+/// A new run's id: a UUIDv7, time-ordered (monotonic within this process),
+/// so each table's primary-key index takes new runs at its right edge
+/// instead of at a random leaf: fewer pages dirtied and written per insert
+/// on the submit path. Nothing reads an order into ids: runs from
+/// several processes interleave, and lists order by time columns.
+pub fn new_run_id() -> Uuid {
+    Uuid::now_v7()
+}
+
 diesel::table! {
     /// A view (not a table; `diesel print-schema` leaves it out): every
     /// execution of a run, those retried (`task_run_attempts`) and the one

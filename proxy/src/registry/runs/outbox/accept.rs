@@ -14,7 +14,7 @@ use diesel::{
 };
 use uuid::Uuid;
 
-use super::super::{PENDING, RunState};
+use super::super::{PENDING, RunState, new_run_id};
 use crate::{
     error::RegistryError,
     registry::{
@@ -238,7 +238,7 @@ fn insert_new(
         .bind::<Array<Nullable<Jsonb>>, _>(
             subs.iter().map(|r| r.context.as_ref()).collect::<Vec<_>>(),
         )
-        .bind::<Array<SqlUuid>, _>(runs.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>())
+        .bind::<Array<SqlUuid>, _>(runs.iter().map(|_| new_run_id()).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(runs.iter().map(|(r, _)| r.submission).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(runs.iter().map(|(r, _)| r.form).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(runs.iter().map(|(_, t)| t.id).collect::<Vec<_>>())
@@ -318,7 +318,7 @@ fn replay(
     .into_iter()
     .map(|(r, t)| {
         (
-            task_runs::id.eq(Uuid::new_v4()),
+            task_runs::id.eq(new_run_id()),
             task_runs::submission_id.eq(r.submission),
             task_runs::form_id.eq(r.form),
             task_runs::task_id.eq(t.id),
