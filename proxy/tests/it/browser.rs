@@ -185,6 +185,15 @@ async fn the_console_in_a_browser() {
         .await
         .expect("the export task's button");
     export.click().await.expect("clicked");
+    // The click posts a form; the page that answers comes when it comes.
+    client
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath(&format!(
+            "//form[@action='/tasks/{task}/enabled']//button[text()='Enable']"
+        )))
+        .await
+        .expect("the forms page after disabling the export task");
     let page = client.source().await.expect("the page");
     assert!(page.contains("disabled"), "{page}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
