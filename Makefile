@@ -7,7 +7,7 @@ CARGO ?= cargo
 PLUGINS := $(filter-out testkit%,$(notdir $(patsubst %/Cargo.toml,%,$(wildcard plugins/*/Cargo.toml))))
 DLL := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
 
-.PHONY: help build plugins fixtures migrate serve demo test fuzz soak lint check-ops deny audit check-schema bench bench-quick ci
+.PHONY: help build plugins fixtures migrate serve demo test fuzz soak lint check-ops deny audit check-schema bench bench-quick bench-ab ci
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -51,6 +51,11 @@ bench: ## release build, every load scenario and the micro-benchmarks; writes ta
 bench-quick: ## every load scenario for a few seconds, to check the harness works
 	$(CARGO) build --release --workspace
 	target/release/daisy-bench --quick
+
+bench-ab: ## this build's serve against another build's, in alternate rounds: make bench-ab AGAINST=/path/to/other/daisy
+	@test -n "$(AGAINST)" || { echo "usage: make bench-ab AGAINST=/path/to/other/daisy"; exit 2; }
+	$(CARGO) build --release --workspace
+	target/release/daisy-bench ab --against $(AGAINST)
 
 lint: ## rustfmt, clippy and plugin-api's docs, warnings as errors
 	$(CARGO) fmt --all --check

@@ -183,6 +183,18 @@ impl Launcher {
         self
     }
 
+    /// The same, but starting the `daisy` binary at `bin` (another build,
+    /// for A/B comparisons).
+    pub fn with_bin(&self, bin: &Path) -> Launcher {
+        Launcher {
+            bin: bin.to_owned(),
+            env: self.env.clone(),
+            serve_args: self.serve_args,
+            worker_args: self.worker_args,
+            logs: self.logs.clone(),
+        }
+    }
+
     /// Sends each process's stderr to a file of its own in `dir`
     /// (`00-serve.log`, `01-worker.log`, …) instead of the test's.
     pub fn logs(mut self, dir: &Path) -> Launcher {
