@@ -45,7 +45,8 @@ pub async fn run(env: &Env, ab: &Ab) -> anyhow::Result<()> {
     let mut ratios = Vec::new();
     let mut p50s = Vec::new();
     for round in 0..ab.rounds {
-        // Alternate which goes first, so neither always follows the settle.
+        // Alternate which goes first, so that drift within a round (the
+        // machine, the tables growing) does not always favour the same one.
         let (first, second) = if round % 2 == 0 {
             (a_addr, b_addr)
         } else {
@@ -65,6 +66,11 @@ pub async fn run(env: &Env, ab: &Ab) -> anyhow::Result<()> {
             lb.us(0.5),
             ratio
         );
+        for (name, l) in [("A", la), ("B", lb)] {
+            if !l.errors().is_empty() {
+                println!("  {name} failed calls: {:?}", l.errors());
+            }
+        }
         ratios.push(ratio);
         p50s.push((la.us(0.5), lb.us(0.5)));
     }

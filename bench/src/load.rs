@@ -28,6 +28,11 @@ impl Load {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// Failed calls by status code.
+    pub fn errors(&self) -> &BTreeMap<String, u64> {
+        &self.errors
+    }
+
     /// The latency at quantile `q`, in microseconds.
     pub fn us(&self, q: f64) -> u64 {
         self.hist.value_at_quantile(q)
