@@ -10,23 +10,26 @@ use std::{path::PathBuf, time::Duration};
 use test_support::free_port;
 use uuid::Uuid;
 
-use crate::{
-    Env,
-    load::{Load, load},
-};
+use crate::{Env, load::load};
 
 /// What `ab` compares, and for how long.
+#[derive(clap::Args)]
 pub struct Ab {
     /// The other build's `daisy` binary (B; this build's is A).
-    pub against: PathBuf,
-    /// Rounds of one A load and one B load.
-    pub rounds: usize,
+    #[arg(long)]
+    against: PathBuf,
+    /// Rounds (one load of each per round).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Seconds per load.
-    pub seconds: u64,
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
     /// Clients per load.
-    pub concurrency: usize,
-    /// Extra `daisy serve` flags, for both.
-    pub serve_args: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Extra `daisy serve` flags for both (e.g. `--serve-arg=--isolation=in-process`).
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
 }
 
 /// Runs the rounds and prints each, then the medians.
@@ -38,25 +41,24 @@ pub async fn run(env: &Env, ab: &Ab) -> anyhow::Result<()> {
     let (a_addr, b_addr) = (free_port(), free_port());
     let a = env.daisy.serve(a_addr, &args);
     let b = env.daisy.with_bin(&ab.against).serve(b_addr, &args);
-    let duration = Duration::from_secs(ab.seconds);
     // Warm both (hosts started, connections pooled) before measuring.
     load(a_addr, ab.concurrency, Duration::from_secs(1), form).await;
     load(b_addr, ab.concurrency, Duration::from_secs(1), form).await;
-    let mut ratios = Vec::new();
-    let mut p50s = Vec::new();
+    let measure = async |addr| {
+        env.db.settle().await;
+        load(addr, ab.concurrency, Duration::from_secs(ab.seconds), form).await
+    };
+    let (mut ratios, mut a50, mut b50) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ab.rounds {
         // Alternate which goes first, so that drift within a round (the
         // machine, the tables growing) does not always favour the same one.
-        let (first, second) = if round % 2 == 0 {
-            (a_addr, b_addr)
+        let (la, lb) = if round % 2 == 0 {
+            let la = measure(a_addr).await;
+            (la, measure(b_addr).await)
         } else {
-            (b_addr, a_addr)
+            let lb = measure(b_addr).await;
+            (measure(a_addr).await, lb)
         };
-        env.db.settle().await;
-        let x = load(first, ab.concurrency, duration, form).await;
-        env.db.settle().await;
-        let y = load(second, ab.concurrency, duration, form).await;
-        let (la, lb): (&Load, &Load) = if round % 2 == 0 { (&x, &y) } else { (&y, &x) };
         let ratio = lb.throughput() / la.throughput();
         println!(
             "round {round}: A {:>8.0}/s p50 {:>5} µs   B {:>8.0}/s p50 {:>5} µs   B/A {:.3}",
@@ -66,18 +68,17 @@ pub async fn run(env: &Env, ab: &Ab) -> anyhow::Result<()> {
             lb.us(0.5),
             ratio
         );
-        for (name, l) in [("A", la), ("B", lb)] {
+        for (name, l) in [("A", &la), ("B", &lb)] {
             if !l.errors().is_empty() {
                 println!("  {name} failed calls: {:?}", l.errors());
             }
         }
         ratios.push(ratio);
-        p50s.push((la.us(0.5), lb.us(0.5)));
+        a50.push(la.us(0.5));
+        b50.push(lb.us(0.5));
     }
     drop((a, b));
     ratios.sort_by(f64::total_cmp);
-    let mut a50: Vec<u64> = p50s.iter().map(|p| p.0).collect();
-    let mut b50: Vec<u64> = p50s.iter().map(|p| p.1).collect();
     a50.sort_unstable();
     b50.sort_unstable();
     println!(

@@ -90,23 +90,7 @@ enum Cmd {
     },
     /// This build's `daisy serve` against another build's, in alternate
     /// rounds on one form with one synchronous echo task.
-    Ab {
-        /// The other build's `daisy` binary.
-        #[arg(long)]
-        against: PathBuf,
-        /// Rounds (one load of each per round).
-        #[arg(long, default_value_t = 6)]
-        rounds: usize,
-        /// Seconds per load.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Clients per load.
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        /// Extra `daisy serve` flags for both (e.g. `--isolation=in-process`).
-        #[arg(long = "serve-arg", allow_hyphen_values = true)]
-        serve_args: Vec<String>,
-    },
+    Ab(ab::Ab),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -114,22 +98,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Some(Cmd::BareServer { addr }) => runtime.block_on(yardsticks::bare_server(addr)),
-        Some(Cmd::Ab {
-            ref against,
-            rounds,
-            seconds,
-            concurrency,
-            ref serve_args,
-        }) => {
-            let ab = ab::Ab {
-                against: against.clone(),
-                rounds: rounds.max(1),
-                seconds,
-                concurrency,
-                serve_args: serve_args.clone(),
-            };
-            runtime.block_on(ab::run(&Env::new(&cli), &ab))
-        }
+        Some(Cmd::Ab(ref ab)) => runtime.block_on(ab::run(&Env::new(&cli), ab)),
         None => runtime.block_on(scenarios::run(&Env::new(&cli), &cli)),
     }
 }
