@@ -1,6 +1,7 @@
 //! Conversions between protobuf's `Struct`/`Value` and `serde_json::Value`.
 
 use prost_types::{ListValue, Struct, Value, value::Kind};
+use serde::{Serialize, Serializer};
 use serde_json::Value as Json;
 
 /// A protobuf `Struct` as a JSON object.
@@ -29,6 +30,46 @@ pub fn value_to_json(v: &Value) -> Json {
         Some(Kind::StringValue(s)) => Json::String(s.clone()),
         Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(value_to_json).collect()),
         Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+/// A protobuf `Struct` as JSON text: what [`struct_to_json`] and then
+/// `to_string` give, written straight from the message without building a
+/// `serde_json::Value` on the way (the submit path's copy of a submission).
+pub fn struct_to_json_text(s: &Struct) -> String {
+    serde_json::to_string(&AsJson::Struct(s)).expect("JSON text of a Struct has no failure case")
+}
+
+/// A protobuf message serialized as the JSON [`value_to_json`] makes of it.
+enum AsJson<'a> {
+    Struct(&'a Struct),
+    Value(&'a Value),
+}
+
+impl Serialize for AsJson<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let value = match self {
+            AsJson::Struct(s) => {
+                return ser.collect_map(s.fields.iter().map(|(k, v)| (k, AsJson::Value(v))));
+            }
+            AsJson::Value(value) => value,
+        };
+        match &value.kind {
+            None | Some(Kind::NullValue(_)) => ser.serialize_unit(),
+            Some(Kind::BoolValue(b)) => ser.serialize_bool(*b),
+            Some(Kind::NumberValue(n)) => {
+                if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                    ser.serialize_i64(*n as i64)
+                } else if n.is_finite() {
+                    ser.serialize_f64(*n)
+                } else {
+                    ser.serialize_unit()
+                }
+            }
+            Some(Kind::StringValue(s)) => ser.serialize_str(s),
+            Some(Kind::ListValue(l)) => ser.collect_seq(l.values.iter().map(AsJson::Value)),
+            Some(Kind::StructValue(s)) => AsJson::Struct(s).serialize(ser),
+        }
     }
 }
 
@@ -72,5 +113,30 @@ mod tests {
         let s = json_to_struct(doc.clone()).expect("an object becomes a Struct");
         assert_eq!(struct_to_json(&s), doc);
         assert_eq!(json_to_struct(json!([1])), None);
+    }
+
+    #[test]
+    fn json_text_is_what_the_json_value_prints() {
+        let mut s = json_to_struct(json!({
+            "name": "Ada \"the first\"\n", "age": 36, "ratio": 0.5, "ok": true, "none": null,
+            "big": 1e300, "tiny": -2.5e-8, "negative": -7, "unicode": "é\u{1F600}",
+            "tags": ["a", 1, {"deep": [false, [], {}]}], "empty": {},
+        }))
+        .expect("an object");
+        for (name, n) in [
+            ("nan", f64::NAN),
+            ("inf", f64::INFINITY),
+            ("huge", 2f64.powi(60)),
+        ] {
+            s.fields.insert(
+                name.into(),
+                Value {
+                    kind: Some(Kind::NumberValue(n)),
+                },
+            );
+        }
+        s.fields.insert("unset".into(), Value { kind: None });
+        assert_eq!(struct_to_json_text(&s), struct_to_json(&s).to_string());
+        assert_eq!(struct_to_json_text(&Struct::default()), "{}");
     }
 }

@@ -100,8 +100,8 @@ impl Executor {
     ) -> Vec<RunResult> {
         futures::future::join_all(runs.iter().map(|(task, id)| {
             self.run(
-                (*task).clone(),
-                submission.clone(),
+                task,
+                submission,
                 RunRef {
                     id: *id,
                     attempt: 1,
@@ -117,7 +117,7 @@ impl Executor {
     }
 
     /// Runs one task under its timeout.
-    pub async fn run(&self, task: TaskDef, submission: Submission, run: RunRef) -> RunResult {
+    pub async fn run(&self, task: &TaskDef, submission: &Submission, run: RunRef) -> RunResult {
         let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.module = %task.module);
         let started = Instant::now();
         let timeout = Duration::from_millis(u64::try_from(task.timeout_ms).unwrap_or(1).max(1));
@@ -135,7 +135,7 @@ impl Executor {
             Ok(permit) => {
                 let _permit = permit.expect("the executor's semaphore is never closed");
                 let left = timeout.saturating_sub(started.elapsed());
-                self.plugins.run(&task, &submission, run, left).await
+                self.plugins.run(task, submission, run, left).await
             }
             Err(_) => timed_out(),
         };

@@ -54,11 +54,9 @@ impl Backlog {
 
 /// Roughly what a record costs held in memory and written.
 fn record_bytes(run: &SyncRun) -> usize {
-    let output = run
-        .output
-        .as_ref()
-        .map_or(0, |o| serde_json::to_vec(o).map_or(0, |v| v.len()));
-    256 + run.task_name.len() + run.last_error.as_ref().map_or(0, String::len) + output
+    256 + run.task_name.len()
+        + run.last_error.as_ref().map_or(0, String::len)
+        + run.output.as_ref().map_or(0, String::len)
 }
 
 impl RunLog {

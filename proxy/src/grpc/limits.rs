@@ -36,6 +36,36 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal(pub String);
 
+/// Where a field is ("submission.answers.tags[2]"): put together only
+/// when a refusal names it, so that a submission that passes costs no
+/// allocation per key.
+#[derive(Clone, Copy)]
+enum Path<'a> {
+    Root(&'a str),
+    Key(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Root(name) => f.write_str(name),
+            Path::Key(parent, key) => {
+                // At most 64 characters of a key, and a NUL shown escaped.
+                write!(f, "{parent}.")?;
+                for c in key.chars().take(64) {
+                    match c {
+                        '\0' => f.write_str("\\u0000")?,
+                        c => std::fmt::Write::write_char(f, c)?,
+                    }
+                }
+                Ok(())
+            }
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
 impl Limits {
     /// Checks `submission` (a request's `submission` field) against the limits.
     ///
@@ -45,7 +75,7 @@ impl Limits {
     /// JSON has no NaN or infinity.
     pub fn check(&self, submission: &Struct) -> Result<(), Refusal> {
         let mut keys = 0;
-        self.check_struct(submission, "submission", 1, &mut keys)
+        self.check_struct(submission, &Path::Root("submission"), 1, &mut keys)
     }
 
     /// Checks a request's `context`: each string within the string limit and
@@ -58,13 +88,18 @@ impl Limits {
         }
         self.check_string(
             &context.organisation_id,
-            "context.organisation_id",
+            &Path::Root("context.organisation_id"),
             "string",
         )?;
-        self.check_string(&context.submitter, "context.submitter", "string")?;
-        self.check_string(&context.locale, "context.locale", "string")?;
+        self.check_string(
+            &context.submitter,
+            &Path::Root("context.submitter"),
+            "string",
+        )?;
+        self.check_string(&context.locale, &Path::Root("context.locale"), "string")?;
+        let owners = Path::Root("context.owner_emails");
         for (i, email) in context.owner_emails.iter().enumerate() {
-            self.check_string(email, &format!("context.owner_emails[{i}]"), "string")?;
+            self.check_string(email, &Path::Index(&owners, i), "string")?;
         }
         Ok(())
     }
@@ -72,7 +107,7 @@ impl Limits {
     fn check_struct(
         &self,
         s: &Struct,
-        path: &str,
+        path: &Path<'_>,
         depth: usize,
         keys: &mut usize,
     ) -> Result<(), Refusal> {
@@ -90,8 +125,7 @@ impl Limits {
             )));
         }
         for (key, value) in &s.fields {
-            let shown: String = key.chars().take(64).collect();
-            let at = format!("{path}.{}", shown.replace('\0', "\\u0000"));
+            let at = Path::Key(path, key);
             self.check_string(key, &at, "key")?;
             self.check_value(value, &at, depth, keys)?;
         }
@@ -101,7 +135,7 @@ impl Limits {
     fn check_value(
         &self,
         value: &Value,
-        path: &str,
+        path: &Path<'_>,
         depth: usize,
         keys: &mut usize,
     ) -> Result<(), Refusal> {
@@ -121,14 +155,14 @@ impl Limits {
                     )));
                 }
                 for (i, item) in list.values.iter().enumerate() {
-                    self.check_value(item, &format!("{path}[{i}]"), depth + 1, keys)?;
+                    self.check_value(item, &Path::Index(path, i), depth + 1, keys)?;
                 }
                 Ok(())
             }
         }
     }
 
-    fn check_string(&self, s: &str, path: &str, what: &str) -> Result<(), Refusal> {
+    fn check_string(&self, s: &str, path: &Path<'_>, what: &str) -> Result<(), Refusal> {
         if s.len() > self.max_string_bytes {
             return Err(Refusal(format!(
                 "{path}: a {what} of {} bytes is longer than the limit of {} bytes",

@@ -7,7 +7,7 @@ mod status;
 use std::{sync::Arc, time::Instant};
 
 use chrono::Utc;
-pub use proto::json::{json_to_value, struct_to_json, value_to_json};
+pub use proto::json::{json_to_value, struct_to_json, struct_to_json_text, value_to_json};
 use proto::v1::{
     Enqueued, GetRunsRequest, GetRunsResponse, Outcome as PbOutcome, ProcessRequest,
     ProcessResponse, Run as PbRun, RunState as PbRunState, SubmissionContext, TaskResult,
@@ -172,11 +172,12 @@ impl Service {
         if sync.is_empty() && later.is_empty() {
             return Ok(Response::new(ProcessResponse::default()));
         }
-        let payload = struct_to_json(&submission);
+        // The payload as a JSON value only for the outbox's row; tasks get text.
+        let payload = (!later.is_empty()).then(|| struct_to_json(&submission));
         let submission = Submission {
             form_id: request.form_id,
             submission_id: request.submission_id,
-            json: payload.to_string().into(),
+            json: struct_to_json_text(&submission).into(),
             context_json: context
                 .as_ref()
                 .map_or_else(String::new, |c| c.to_string())
@@ -185,9 +186,9 @@ impl Service {
 
         // The outbox commit and the synchronous tasks run side by side.
         let accept = async {
-            if later.is_empty() {
+            let Some(payload) = payload else {
                 return Ok(Ok(Vec::new()));
-            }
+            };
             self.acceptor
                 .accept(Acceptance {
                     form,
@@ -259,7 +260,7 @@ impl Service {
                             RunState::Dead
                         },
                         last_error: (!error.is_empty()).then(|| error.clone()),
-                        output: output.clone(),
+                        output: output.as_ref().map(ToString::to_string),
                         started_at: sync_started,
                         finished_at: sync_started
                             + chrono::Duration::from_std(run.duration).unwrap_or_default(),

@@ -140,7 +140,7 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
             }
         }
     };
-    let Some(task) = tasks.iter().find(|t| t.id == claimed.task_id).cloned() else {
+    let Some(task) = tasks.iter().find(|t| t.id == claimed.task_id) else {
         return Finish::Dead {
             error: format!(
                 "task {} is no longer attached to form {form}",
@@ -172,7 +172,7 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
         id: claimed.run_id,
         attempt: u32::try_from(claimed.attempt).unwrap_or(1),
     };
-    let result = ctx.executor.run(task, submission, run).await;
+    let result = ctx.executor.run(task, &submission, run).await;
     let exhausted = claimed.attempt >= claimed.max_attempts;
     let crashes = {
         let mut counts = ctx.crashes.lock().expect("crash counts poisoned");

@@ -212,7 +212,7 @@ async fn a_run_log_record_the_database_refuses_is_dropped_and_the_log_moves_on()
         task_name: "echo".into(),
         state: proxy::registry::RunState::Succeeded,
         last_error: None,
-        output: Some(output),
+        output: Some(output.to_string()),
         started_at: chrono::Utc::now(),
         finished_at: chrono::Utc::now(),
     };
@@ -475,7 +475,7 @@ async fn the_run_log_backlog_is_bounded_in_bytes_while_the_database_is_away() {
             task_name: "echo".into(),
             state: proxy::registry::RunState::Succeeded,
             last_error: None,
-            output: Some(big.clone()),
+            output: Some(big.to_string()),
             started_at: chrono::Utc::now(),
             finished_at: chrono::Utc::now(),
         }]);

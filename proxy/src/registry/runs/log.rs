@@ -37,8 +37,9 @@ pub struct SyncRun {
     pub state: RunState,
     /// Why it failed.
     pub last_error: Option<String>,
-    /// What it returned.
-    pub output: Option<serde_json::Value>,
+    /// What it returned, as JSON text (the run log stores it as `jsonb`;
+    /// text, so a record is serialized once and never cloned as a tree).
+    pub output: Option<String>,
     /// When it started: the day partition it goes to.
     pub started_at: DateTime<Utc>,
     /// When it finished.
@@ -143,7 +144,7 @@ impl Registry {
     /// runs are written again, and readers show the first record per
     /// (submission, task).
     pub fn record_sync_runs(&self, runs: &[SyncRun]) -> Result<(), RegistryError> {
-        use diesel::sql_types::{Array, Jsonb, Nullable, Text, Uuid as SqlUuid};
+        use diesel::sql_types::{Array, Nullable, Text, Uuid as SqlUuid};
         if runs.is_empty() {
             return Ok(());
         }
@@ -152,7 +153,7 @@ impl Registry {
         cached_sql(
             "INSERT INTO sync_runs (id, submission_id, form_id, task_id, task_name, state, \
                  error, output, started_at, finished_at) \
-             SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8::jsonb[], $9, $10)",
         )
         .bind::<Array<SqlUuid>, _>(column(|r| r.id))
         .bind::<Array<SqlUuid>, _>(column(|r| r.submission_id))
@@ -169,8 +170,8 @@ impl Registry {
                 .map(|r| r.last_error.as_deref())
                 .collect::<Vec<_>>(),
         )
-        .bind::<Array<Nullable<Jsonb>>, _>(
-            runs.iter().map(|r| r.output.as_ref()).collect::<Vec<_>>(),
+        .bind::<Array<Nullable<Text>>, _>(
+            runs.iter().map(|r| r.output.as_deref()).collect::<Vec<_>>(),
         )
         .bind::<Array<Timestamptz>, _>(runs.iter().map(|r| r.started_at).collect::<Vec<_>>())
         .bind::<Array<Timestamptz>, _>(runs.iter().map(|r| r.finished_at).collect::<Vec<_>>())
