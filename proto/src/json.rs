@@ -1,7 +1,7 @@
 //! Conversions between protobuf's `Struct`/`Value` and `serde_json::Value`.
 
 use prost_types::{ListValue, Struct, Value, value::Kind};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use serde_json::Value as Json;
 
 /// A protobuf `Struct` as a JSON object.
@@ -73,6 +73,84 @@ impl Serialize for AsJson<'_> {
     }
 }
 
+/// JSON text as a protobuf `Value`: what [`json_to_value`] makes of it once
+/// parsed, without a `serde_json::Value` on the way (a plugin host's output
+/// on the submit path).
+pub fn json_text_to_value(text: &str) -> serde_json::Result<Value> {
+    serde_json::from_str::<ProtoValue>(text).map(|v| v.0)
+}
+
+/// A protobuf `Value` deserialized straight from JSON.
+struct ProtoValue(Value);
+
+impl<'de> Deserialize<'de> for ProtoValue {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        de.deserialize_any(ProtoVisitor)
+    }
+}
+
+struct ProtoVisitor;
+
+fn kind(kind: Kind) -> ProtoValue {
+    ProtoValue(Value { kind: Some(kind) })
+}
+
+impl<'de> de::Visitor<'de> for ProtoVisitor {
+    type Value = ProtoValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::NullValue(0)))
+    }
+
+    fn visit_none<E>(self) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::NullValue(0)))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::BoolValue(b)))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::NumberValue(n as f64)))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::NumberValue(n as f64)))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::NumberValue(n)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::StringValue(s.to_owned())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<ProtoValue, E> {
+        Ok(kind(Kind::StringValue(s)))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<ProtoValue, A::Error> {
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(ProtoValue(value)) = seq.next_element()? {
+            values.push(value);
+        }
+        Ok(kind(Kind::ListValue(ListValue { values })))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<ProtoValue, A::Error> {
+        let mut fields = std::collections::BTreeMap::new();
+        while let Some((key, ProtoValue(value))) = map.next_entry::<String, ProtoValue>()? {
+            fields.insert(key, value);
+        }
+        Ok(kind(Kind::StructValue(Struct { fields })))
+    }
+}
+
 /// JSON as a protobuf `Value`.
 pub fn json_to_value(v: Json) -> Value {
     let kind = match v {
@@ -138,5 +216,22 @@ mod tests {
         s.fields.insert("unset".into(), Value { kind: None });
         assert_eq!(struct_to_json_text(&s), struct_to_json(&s).to_string());
         assert_eq!(struct_to_json_text(&Struct::default()), "{}");
+    }
+
+    #[test]
+    fn json_text_parses_to_what_the_json_value_converts_to() {
+        for text in [
+            r#"{"name":"Ada \"q\" \u00e9","age":36,"ratio":0.5,"ok":true,"none":null,"tags":["a",1,{"deep":[false,[],{}]}],"big":18446744073709551615,"neg":-9007199254740993,"tiny":-2.5e-8,"dup":1,"dup":2}"#,
+            "[]",
+            "\"just text\"",
+            "null",
+            "7",
+        ] {
+            let direct = json_text_to_value(text).expect("valid JSON");
+            let via = json_to_value(serde_json::from_str(text).expect("valid JSON"));
+            assert_eq!(direct, via, "{text}");
+        }
+        assert!(json_text_to_value("{\"a\": }").is_err());
+        assert!(json_text_to_value("[1] trailing").is_err());
     }
 }

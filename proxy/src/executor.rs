@@ -21,7 +21,7 @@ use crate::{plugins::Plugins, registry::TaskDef};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The task returned this output.
-    Succeeded(serde_json::Value),
+    Succeeded(Output),
     /// The task, its plugin or its library failed; the message says why.
     Failed {
         /// What went wrong.
@@ -41,6 +41,50 @@ pub enum Outcome {
         /// finishes), rather than being a neighbour in flight.
         suspect: bool,
     },
+}
+
+/// What a task returned: JSON text as a plugin host sent it, parsed only by
+/// whoever needs it and into what they need, or the value an in-process
+/// plugin returned. The submit path turns text straight into its response
+/// and its run log, with no `serde_json::Value` in between.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// JSON text, not yet parsed: [`Output::into_value`] and
+    /// [`Output::to_proto`] fail if it is not JSON.
+    Text(String),
+    /// A JSON value.
+    Value(serde_json::Value),
+}
+
+impl Output {
+    /// The output as a JSON value; an error naming the fault if it is not JSON.
+    pub fn into_value(self) -> Result<serde_json::Value, String> {
+        match self {
+            Output::Value(value) => Ok(value),
+            Output::Text(text) => serde_json::from_str(&text).map_err(not_json),
+        }
+    }
+
+    /// The output as a protobuf `Value`, for a `Process` response; an error
+    /// naming the fault if it is not JSON.
+    pub fn to_proto(&self) -> Result<proto::prost_types::Value, String> {
+        match self {
+            Output::Value(value) => Ok(proto::json::json_to_value(value.clone())),
+            Output::Text(text) => proto::json::json_text_to_value(text).map_err(not_json),
+        }
+    }
+
+    /// The output as JSON text (as it came, if it came as text).
+    pub fn into_text(self) -> String {
+        match self {
+            Output::Text(text) => text,
+            Output::Value(value) => value.to_string(),
+        }
+    }
+}
+
+fn not_json(err: serde_json::Error) -> String {
+    format!("plugin returned output that is not JSON: {err}")
 }
 
 /// The result of one run.
@@ -162,5 +206,31 @@ impl Executor {
             }
         });
         RunResult { outcome, duration }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Output;
+
+    #[test]
+    fn output_text_becomes_what_its_value_would_and_bad_text_is_named() {
+        let value = serde_json::json!({"flags": ["late", 3], "ok": true, "score": 0.25});
+        let text = Output::Text(value.to_string());
+        assert_eq!(text.to_proto(), Output::Value(value.clone()).to_proto());
+        assert_eq!(text.clone().into_value(), Ok(value.clone()));
+        assert_eq!(Output::Value(value.clone()).into_text(), text.into_text());
+
+        let bad = Output::Text("{\"unclosed\": ".into());
+        let err = bad.to_proto().expect_err("not JSON");
+        assert!(
+            err.starts_with("plugin returned output that is not JSON"),
+            "{err}"
+        );
+        let err = bad.into_value().expect_err("not JSON");
+        assert!(
+            err.starts_with("plugin returned output that is not JSON"),
+            "{err}"
+        );
     }
 }

@@ -236,14 +236,20 @@ impl Service {
             .iter()
             .zip(runs)
             .map(|((task, run_id), run)| {
-                let (outcome, output, error) = match run.outcome {
-                    Outcome::Succeeded(output) => {
-                        (PbOutcome::Succeeded, Some(output), String::new())
-                    }
+                // The output for the response, and its text for the run log.
+                let (outcome, output, text, error) = match run.outcome {
+                    Outcome::Succeeded(output) => match output.to_proto() {
+                        Ok(proto) => {
+                            let text =
+                                (self.sync_run_log == SyncRunLog::All).then(|| output.into_text());
+                            (PbOutcome::Succeeded, Some(proto), text, String::new())
+                        }
+                        Err(error) => (PbOutcome::Failed, None, None, error),
+                    },
                     Outcome::Failed { error, .. } | Outcome::Crashed { error, .. } => {
-                        (PbOutcome::Failed, None, error)
+                        (PbOutcome::Failed, None, None, error)
                     }
-                    Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, error),
+                    Outcome::TimedOut(error) => (PbOutcome::TimedOut, None, None, error),
                 };
                 let logged =
                     outcome != PbOutcome::Succeeded || self.sync_run_log == SyncRunLog::All;
@@ -260,7 +266,7 @@ impl Service {
                             RunState::Dead
                         },
                         last_error: (!error.is_empty()).then(|| error.clone()),
-                        output: output.as_ref().map(ToString::to_string),
+                        output: text,
                         started_at: sync_started,
                         finished_at: sync_started
                             + chrono::Duration::from_std(run.duration).unwrap_or_default(),
@@ -270,7 +276,7 @@ impl Service {
                     task_id: task.id.to_string(),
                     name: task.name.clone(),
                     outcome: outcome.into(),
-                    output: output.map(json_to_value),
+                    output,
                     error,
                     duration_us: run.duration.as_micros() as u64,
                 }

@@ -45,7 +45,7 @@ use self::{
 };
 use crate::{
     error::PluginError,
-    executor::{Outcome, RunRef, Submission},
+    executor::{Outcome, Output, RunRef, Submission},
     registry::TaskDef,
 };
 
@@ -307,13 +307,9 @@ fn from_reply(task: &TaskDef, reply: wire::Reply) -> Outcome {
             }
         };
     }
-    match reply.output_json.as_deref().map(serde_json::from_str) {
-        Some(Ok(output)) => Outcome::Succeeded(output),
-        Some(Err(err)) => Outcome::Failed {
-            error: format!("plugin returned output that is not JSON: {err}"),
-            retryable: false,
-            retry_after: None,
-        },
+    // Parsed by whoever needs it, into what they need (see `Output`).
+    match reply.output_json {
+        Some(text) => Outcome::Succeeded(Output::Text(text)),
         None => Outcome::Failed {
             error: "the plugin host sent an empty reply".into(),
             retryable: true,
@@ -341,7 +337,7 @@ fn run_in_process(
         context_json: &submission.context_json,
     };
     match handle.run(input) {
-        Ok(output) => Outcome::Succeeded(output),
+        Ok(output) => Outcome::Succeeded(Output::Value(output)),
         Err(err) => Outcome::Failed {
             error: err.message().to_owned(),
             retryable: err.is_retryable(),

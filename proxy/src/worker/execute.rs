@@ -198,7 +198,10 @@ async fn execute(ctx: &Context, claimed: &Claimed) -> Finish {
         count
     };
     let (error, retryable, asked) = match result.outcome {
-        Outcome::Succeeded(output) => return Finish::Succeeded(output),
+        Outcome::Succeeded(output) => match output.into_value() {
+            Ok(output) => return Finish::Succeeded(output),
+            Err(error) => (error, false, None),
+        },
         Outcome::Crashed { error, .. } if crashes >= ctx.config.max_crashes.max(1) => {
             return Finish::Dead {
                 error: format!("its plugin host crashed {crashes} times while running it: {error}"),
