@@ -20,17 +20,20 @@ pub fn value_to_json(v: &Value) -> Json {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => Json::Null,
         Some(Kind::BoolValue(b)) => Json::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
-                Json::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number)
-            }
-        }
+        Some(Kind::NumberValue(n)) => match whole(*n) {
+            Some(i) => Json::from(i),
+            None => serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number),
+        },
         Some(Kind::StringValue(s)) => Json::String(s.clone()),
         Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(value_to_json).collect()),
         Some(Kind::StructValue(s)) => struct_to_json(s),
     }
+}
+
+/// `n` as an integer if it is a whole number that a double holds exactly,
+/// so that a plugin sees `3`, not `3.0`.
+fn whole(n: f64) -> Option<i64> {
+    (n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0).then_some(n as i64)
 }
 
 /// A protobuf `Struct` as JSON text: what [`struct_to_json`] and then
@@ -57,15 +60,11 @@ impl Serialize for AsJson<'_> {
         match &value.kind {
             None | Some(Kind::NullValue(_)) => ser.serialize_unit(),
             Some(Kind::BoolValue(b)) => ser.serialize_bool(*b),
-            Some(Kind::NumberValue(n)) => {
-                if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
-                    ser.serialize_i64(*n as i64)
-                } else if n.is_finite() {
-                    ser.serialize_f64(*n)
-                } else {
-                    ser.serialize_unit()
-                }
-            }
+            Some(Kind::NumberValue(n)) => match whole(*n) {
+                Some(i) => ser.serialize_i64(i),
+                None if n.is_finite() => ser.serialize_f64(*n),
+                None => ser.serialize_unit(),
+            },
             Some(Kind::StringValue(s)) => ser.serialize_str(s),
             Some(Kind::ListValue(l)) => ser.collect_seq(l.values.iter().map(AsJson::Value)),
             Some(Kind::StructValue(s)) => AsJson::Struct(s).serialize(ser),

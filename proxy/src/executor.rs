@@ -50,7 +50,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// JSON text, not yet parsed: [`Output::into_value`] and
-    /// [`Output::to_proto`] fail if it is not JSON.
+    /// [`Output::into_response`] fail if it is not JSON.
     Text(String),
     /// A JSON value.
     Value(serde_json::Value),
@@ -65,20 +65,22 @@ impl Output {
         }
     }
 
-    /// The output as a protobuf `Value`, for a `Process` response; an error
-    /// naming the fault if it is not JSON.
-    pub fn to_proto(&self) -> Result<proto::prost_types::Value, String> {
+    /// The output as a protobuf `Value` for a `Process` response and, if
+    /// `with_text`, as JSON text for the run log (the text as it came, if it
+    /// came as text); an error naming the fault if it is not JSON.
+    pub fn into_response(
+        self,
+        with_text: bool,
+    ) -> Result<(proto::prost_types::Value, Option<String>), String> {
         match self {
-            Output::Value(value) => Ok(proto::json::json_to_value(value.clone())),
-            Output::Text(text) => proto::json::json_text_to_value(text).map_err(not_json),
-        }
-    }
-
-    /// The output as JSON text (as it came, if it came as text).
-    pub fn into_text(self) -> String {
-        match self {
-            Output::Text(text) => text,
-            Output::Value(value) => value.to_string(),
+            Output::Text(text) => {
+                let value = proto::json::json_text_to_value(&text).map_err(not_json)?;
+                Ok((value, with_text.then_some(text)))
+            }
+            Output::Value(value) => {
+                let text = with_text.then(|| value.to_string());
+                Ok((proto::json::json_to_value(value), text))
+            }
         }
     }
 }
@@ -217,12 +219,15 @@ mod tests {
     fn output_text_becomes_what_its_value_would_and_bad_text_is_named() {
         let value = serde_json::json!({"flags": ["late", 3], "ok": true, "score": 0.25});
         let text = Output::Text(value.to_string());
-        assert_eq!(text.to_proto(), Output::Value(value.clone()).to_proto());
-        assert_eq!(text.clone().into_value(), Ok(value.clone()));
-        assert_eq!(Output::Value(value.clone()).into_text(), text.into_text());
+        assert_eq!(
+            text.clone().into_response(true),
+            Output::Value(value.clone()).into_response(true)
+        );
+        assert_eq!(text.clone().into_response(false).map(|r| r.1), Ok(None));
+        assert_eq!(text.into_value(), Ok(value.clone()));
 
         let bad = Output::Text("{\"unclosed\": ".into());
-        let err = bad.to_proto().expect_err("not JSON");
+        let err = bad.clone().into_response(true).expect_err("not JSON");
         assert!(
             err.starts_with("plugin returned output that is not JSON"),
             "{err}"

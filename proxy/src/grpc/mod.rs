@@ -238,14 +238,14 @@ impl Service {
             .map(|((task, run_id), run)| {
                 // The output for the response, and its text for the run log.
                 let (outcome, output, text, error) = match run.outcome {
-                    Outcome::Succeeded(output) => match output.to_proto() {
-                        Ok(proto) => {
-                            let text =
-                                (self.sync_run_log == SyncRunLog::All).then(|| output.into_text());
-                            (PbOutcome::Succeeded, Some(proto), text, String::new())
+                    Outcome::Succeeded(output) => {
+                        match output.into_response(self.sync_run_log == SyncRunLog::All) {
+                            Ok((proto, text)) => {
+                                (PbOutcome::Succeeded, Some(proto), text, String::new())
+                            }
+                            Err(error) => (PbOutcome::Failed, None, None, error),
                         }
-                        Err(error) => (PbOutcome::Failed, None, None, error),
-                    },
+                    }
                     Outcome::Failed { error, .. } | Outcome::Crashed { error, .. } => {
                         (PbOutcome::Failed, None, None, error)
                     }
