@@ -280,6 +280,18 @@ impl std::fmt::Debug for TaskHandle {
 impl TaskHandle {
     /// Runs the task. Blocks for as long as the plugin does.
     pub fn run(&self, input: RunInput<'_>) -> Result<Value, TaskError> {
+        let json = self.run_json(input)?;
+        serde_json::from_str(&json).map_err(|err| {
+            TaskError::permanent(format!("plugin returned output that is not JSON: {err}"))
+        })
+    }
+
+    /// Runs the task and gives its output as the JSON text the plugin
+    /// returned, unparsed: for a caller that passes it on as text or parses
+    /// it into something other than a [`Value`]. The plugin promised JSON;
+    /// whoever parses it must still refuse text that is not. Blocks for as
+    /// long as the plugin does.
+    pub fn run_json(&self, input: RunInput<'_>) -> Result<String, TaskError> {
         let more = FfiRunMore {
             run_id: input.run_id.into(),
             context_json: input.context_json.into(),
@@ -296,9 +308,7 @@ impl TaskHandle {
             Instance::V1_0(task) => task.run(input),
         };
         match ran {
-            ROk(json) => serde_json::from_str(json.as_str()).map_err(|err| {
-                TaskError::permanent(format!("plugin returned output that is not JSON: {err}"))
-            }),
+            ROk(json) => Ok(json.into_string()),
             RErr(err) => Err(err.into()),
         }
     }

@@ -43,45 +43,29 @@ pub enum Outcome {
     },
 }
 
-/// What a task returned: JSON text as a plugin host sent it, parsed only by
-/// whoever needs it and into what they need, or the value an in-process
-/// plugin returned. The submit path turns text straight into its response
-/// and its run log, with no `serde_json::Value` in between.
+/// What a task returned: the JSON text its plugin wrote, parsed only by
+/// whoever needs it and into what they need. The submit path turns it
+/// straight into its response and its run log, with no `serde_json::Value`
+/// in between; the worker parses it into a value. Whoever parses it refuses
+/// text that is not JSON, naming the fault.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Output {
-    /// JSON text, not yet parsed: [`Output::into_value`] and
-    /// [`Output::into_response`] fail if it is not JSON.
-    Text(String),
-    /// A JSON value.
-    Value(serde_json::Value),
-}
+pub struct Output(pub String);
 
 impl Output {
     /// The output as a JSON value; an error naming the fault if it is not JSON.
     pub fn into_value(self) -> Result<serde_json::Value, String> {
-        match self {
-            Output::Value(value) => Ok(value),
-            Output::Text(text) => serde_json::from_str(&text).map_err(not_json),
-        }
+        serde_json::from_str(&self.0).map_err(not_json)
     }
 
     /// The output as a protobuf `Value` for a `Process` response and, if
-    /// `with_text`, as JSON text for the run log (the text as it came, if it
-    /// came as text); an error naming the fault if it is not JSON.
+    /// `with_text`, its text for the run log; an error naming the fault if
+    /// it is not JSON.
     pub fn into_response(
         self,
         with_text: bool,
     ) -> Result<(proto::prost_types::Value, Option<String>), String> {
-        match self {
-            Output::Text(text) => {
-                let value = proto::json::json_text_to_value(&text).map_err(not_json)?;
-                Ok((value, with_text.then_some(text)))
-            }
-            Output::Value(value) => {
-                let text = with_text.then(|| value.to_string());
-                Ok((proto::json::json_to_value(value), text))
-            }
-        }
+        let value = proto::json::json_text_to_value(&self.0).map_err(not_json)?;
+        Ok((value, with_text.then_some(self.0)))
     }
 }
 
@@ -218,15 +202,14 @@ mod tests {
     #[test]
     fn output_text_becomes_what_its_value_would_and_bad_text_is_named() {
         let value = serde_json::json!({"flags": ["late", 3], "ok": true, "score": 0.25});
-        let text = Output::Text(value.to_string());
-        assert_eq!(
-            text.clone().into_response(true),
-            Output::Value(value.clone()).into_response(true)
-        );
+        let text = Output(value.to_string());
+        let (proto, logged) = text.clone().into_response(true).expect("JSON");
+        assert_eq!(proto, proto::json::json_to_value(value.clone()));
+        assert_eq!(logged, Some(value.to_string()));
         assert_eq!(text.clone().into_response(false).map(|r| r.1), Ok(None));
         assert_eq!(text.into_value(), Ok(value.clone()));
 
-        let bad = Output::Text("{\"unclosed\": ".into());
+        let bad = Output("{\"unclosed\": ".into());
         let err = bad.clone().into_response(true).expect_err("not JSON");
         assert!(
             err.starts_with("plugin returned output that is not JSON"),

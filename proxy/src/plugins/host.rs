@@ -203,7 +203,9 @@ fn run(
         Ok(task) => task,
         Err(err) => return failure(request.id, ErrorKind::Create, err.clone()),
     };
-    let outcome = task.run(RunInput {
+    // The output goes on as the plugin wrote it; Daisy's side parses it
+    // (and refuses text that is not JSON) into whatever it needs.
+    let outcome = task.run_json(RunInput {
         form_id: &request.form_id,
         submission_id: &request.submission_id,
         submission_json: &request.submission_json,
@@ -226,7 +228,7 @@ fn run(
     match outcome {
         Ok(output) => Reply {
             id: request.id,
-            output_json: Some(output.to_string()),
+            output_json: Some(output),
             error: None,
         },
         Err(err) => {

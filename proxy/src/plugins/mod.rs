@@ -309,7 +309,7 @@ fn from_reply(task: &TaskDef, reply: wire::Reply) -> Outcome {
     }
     // Parsed by whoever needs it, into what they need (see `Output`).
     match reply.output_json {
-        Some(text) => Outcome::Succeeded(Output::Text(text)),
+        Some(text) => Outcome::Succeeded(Output(text)),
         None => Outcome::Failed {
             error: "the plugin host sent an empty reply".into(),
             retryable: true,
@@ -336,8 +336,8 @@ fn run_in_process(
         run_id: &run.id.to_string(),
         context_json: &submission.context_json,
     };
-    match handle.run(input) {
-        Ok(output) => Outcome::Succeeded(Output::Value(output)),
+    match handle.run_json(input) {
+        Ok(text) => Outcome::Succeeded(Output(text)),
         Err(err) => Outcome::Failed {
             error: err.message().to_owned(),
             retryable: err.is_retryable(),
