@@ -13,12 +13,14 @@ use tokio::{io::AsyncBufReadExt, sync::Notify};
 use super::Host;
 use crate::plugins::wire::{self, Reply};
 
-/// The socket's writing end, shared by the calls. A call whose frame finds
-/// no write in progress writes it itself, at once, with a non-blocking
-/// write (no hand-off to another task: one wake-up less per run when
-/// calls are few); what the socket does not take then, and every frame
-/// that comes while it is being written, is queued, and the writer task
-/// writes all that is queued in one write (batches when calls are many).
+/// The socket's writing end, shared by the calls. A call that is alone on
+/// its host, and finds no write in progress, writes its frame itself, at
+/// once, with a non-blocking write (no hand-off to another task: one
+/// wake-up less per run when calls are few). Otherwise its frame is queued:
+/// the writer task lets every task that is ready run first, then writes
+/// all that is queued in one write, so calls that come together cost the
+/// host one wake-up and both sides one system call (batches when calls are
+/// many). What a direct write leaves unwritten is queued too.
 pub(super) struct Frames {
     socket: tokio::net::unix::OwnedWriteHalf,
     queue: Mutex<Queue>,
@@ -44,15 +46,23 @@ impl Frames {
         }
     }
 
-    /// Sends `frame`, in order with every frame sent before it; false once
-    /// the socket failed or was closed.
-    pub(super) fn send(&self, frame: &[u8]) -> bool {
+    /// Sends `frame`, in order with every frame sent before it: written at
+    /// once unless `batch` (other calls are in flight, so more frames are
+    /// likely to follow within the scheduler's round); false once the socket
+    /// failed or was closed.
+    pub(super) fn send(&self, frame: &[u8], batch: bool) -> bool {
         let mut queue = self.queue.lock().expect("frames poisoned");
         if queue.closed {
             return false;
         }
         if queue.writing {
             queue.bytes.extend_from_slice(frame);
+            return true;
+        }
+        if batch {
+            queue.bytes.extend_from_slice(frame);
+            queue.writing = true;
+            self.wake.notify_one();
             return true;
         }
         let written = match self.socket.try_write(frame) {
@@ -82,6 +92,9 @@ impl Frames {
 pub(super) async fn write_frames(frames: Arc<Frames>) {
     loop {
         frames.wake.notified().await;
+        // Let the tasks that are ready run first: the frames they send
+        // join this write.
+        tokio::task::yield_now().await;
         loop {
             let batch = {
                 let mut queue = frames.queue.lock().expect("frames poisoned");

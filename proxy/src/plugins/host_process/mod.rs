@@ -236,7 +236,9 @@ impl Host {
             }
             let mut frame = Vec::new();
             wire::encode(&request, &mut frame);
-            if !self.frames.send(&frame) {
+            // Batched when other calls are in flight on this host.
+            let batch = self.inflight.load(Ordering::Relaxed) > 1;
+            if !self.frames.send(&frame, batch) {
                 defined.remove(&instance);
             }
         }
