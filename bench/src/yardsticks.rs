@@ -29,8 +29,6 @@ use crate::{
 pub struct Yardsticks {
     /// The bare server at concurrency 32.
     pub bare32: Load,
-    /// The bare server at concurrency 1.
-    pub bare1: Load,
     /// PostgreSQL's one-row insert transactions per second at concurrency 32.
     pub pg: f64,
 }
@@ -42,12 +40,7 @@ pub async fn measure(
     report: &mut Report,
 ) -> anyhow::Result<Yardsticks> {
     let bare_addr = free_port();
-    let bare = Process::new(
-        Command::new(std::env::current_exe()?)
-            .args(["bare-server", "--addr", &bare_addr.to_string()])
-            .spawn()
-            .context("starting the bare server")?,
-    );
+    let bare = spawn_bare(bare_addr)?;
     let bare32 = load(bare_addr, 32, duration, Uuid::new_v4()).await;
     let bare1 = load(bare_addr, 1, duration, Uuid::new_v4()).await;
     drop(bare);
@@ -65,7 +58,18 @@ pub async fn measure(
         format!("{pg:>9.0}/s"),
     ));
     report.json.insert("pg_insert_c32_per_s".into(), json!(pg));
-    Ok(Yardsticks { bare32, bare1, pg })
+    Ok(Yardsticks { bare32, pg })
+}
+
+/// Starts the bare server on `addr`, in a process of its own; it stops
+/// when the handle is dropped.
+pub fn spawn_bare(addr: SocketAddr) -> anyhow::Result<Process> {
+    Ok(Process::new(
+        Command::new(std::env::current_exe()?)
+            .args(["bare-server", "--addr", &addr.to_string()])
+            .spawn()
+            .context("starting the bare server")?,
+    ))
 }
 
 /// Serves the bare server on `addr` until killed.
