@@ -260,7 +260,7 @@ async fn sync(
     // server alone has moved by half between two runs; here each round
     // loads the bare server, then Daisy with each isolation, in the same
     // seconds, and the median round is the figure.
-    let paired = paired_with_bare(env, cli, forms).await?;
+    let paired = paired_with_bare(env, cli, addr, forms).await?;
     report.insert("paired_rounds".into(), paired.json());
     let lean_vs_bare = s2_lean.throughput() / bare32.throughput();
     ratios.insert("s2_throughput_vs_bare".into(), json!(paired.s2_process));
@@ -337,21 +337,24 @@ impl Paired {
     }
 }
 
-/// Rounds of: the bare server, Daisy with process isolation, Daisy
-/// in-process, at c=32 and then at c=1 (scenarios 2 and 6), each load
-/// followed by the settling the other scenarios get; the median of the
-/// rounds' ratios and overheads.
-async fn paired_with_bare(env: &Env, cli: &Cli, forms: &Forms) -> anyhow::Result<Paired> {
+/// Rounds of: the bare server, Daisy with process isolation (the serve at
+/// `process_addr`, already warm), Daisy in-process, at c=32 and then at
+/// c=1 (scenarios 2 and 6), each load followed by the settling the other
+/// scenarios get; the median of the rounds' ratios and overheads.
+async fn paired_with_bare(
+    env: &Env,
+    cli: &Cli,
+    process_addr: std::net::SocketAddr,
+    forms: &Forms,
+) -> anyhow::Result<Paired> {
     let (rounds, seconds) = if cli.quick { (2, 1) } else { (5, 5) };
     let duration = Duration::from_secs(seconds);
-    let (bare_addr, process_addr, inproc_addr) = (free_port(), free_port(), free_port());
+    let (bare_addr, inproc_addr) = (free_port(), free_port());
     let _bare = yardsticks::spawn_bare(bare_addr)?;
-    let _process = env.daisy.serve(process_addr, &[]);
     let _inproc = env.daisy.serve(inproc_addr, &["--isolation", "in-process"]);
-    // Warm the hosts and the connections before the first round.
-    for addr in [process_addr, inproc_addr] {
-        load(addr, 32, Duration::from_secs(1), forms.one).await;
-    }
+    // Warm the in-process serve (its library loaded, its connections
+    // pooled) before the first round.
+    load(inproc_addr, 32, Duration::from_secs(1), forms.one).await;
     env.db.settle().await;
     let mut figures = Vec::new();
     for _ in 0..rounds {

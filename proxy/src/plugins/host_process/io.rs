@@ -55,14 +55,12 @@ impl Frames {
         if queue.closed {
             return false;
         }
-        if queue.writing {
+        if queue.writing || batch {
             queue.bytes.extend_from_slice(frame);
-            return true;
-        }
-        if batch {
-            queue.bytes.extend_from_slice(frame);
-            queue.writing = true;
-            self.wake.notify_one();
+            if !queue.writing {
+                queue.writing = true;
+                self.wake.notify_one();
+            }
             return true;
         }
         let written = match self.socket.try_write(frame) {
