@@ -457,12 +457,13 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
     plugins.install("testkit", "testkit");
     let queue = TestQueue::new();
     let counter = tempfile::NamedTempFile::new().expect("counter file");
+    let effects = tempfile::tempdir().expect("effects dir");
     let form = Uuid::new_v4();
     db.attach_with(async_task(
         form,
         "slow",
         "count",
-        json!({"path": counter.path(), "sleep_ms": 3000}),
+        json!({"path": counter.path(), "sleep_ms": 3000, "effects_dir": effects.path()}),
         3,
     ));
     let server =
@@ -472,13 +473,17 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
 
     let request = request(form, sample());
     client.process(request.clone()).await.expect("accepted");
-    wait_for_runs(
-        &mut client,
-        &request.submission_id,
-        Duration::from_secs(30),
-        |runs| runs.first().is_some_and(|r| r.state() == RunState::Running),
-    )
-    .await;
+    // Killed only once the task is really executing (its line is written at
+    // the start of its run, its effect 3 s later), not merely claimed.
+    let executions = || std::fs::read_to_string(counter.path()).expect("counter");
+    let started = std::time::Instant::now();
+    while executions().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never executed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     first.kill();
 
     let _second = queue.worker(&db.url, plugins.path(), None, &[]);
@@ -493,11 +498,14 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
         runs[0].attempts, 2,
         "the second worker ran it again: {runs:?}"
     );
-    let lines = std::fs::read_to_string(counter.path()).expect("counter");
+    assert_eq!(executions().lines().count(), 2, "one execution per worker");
+    // Had the killed worker's execution gone on (its plugin host outliving
+    // it), it would have applied the effect before the second one, whose
+    // output would then say "already applied".
     assert_eq!(
-        lines.lines().count(),
-        1,
-        "the killed worker never finished its execution"
+        to_json(runs[0].output.as_ref().expect("output"))["effect"],
+        "applied",
+        "the killed worker's execution never finished: {runs:?}"
     );
 }
 
