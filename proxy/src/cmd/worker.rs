@@ -10,6 +10,7 @@ use crate::cli::WorkerArgs;
 
 /// `daisy worker`.
 pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    crate::allocator::return_freed_pages_at_once();
     let config = WorkerConfig {
         db: args.db.config(),
         queue: args.queue.config(),
