@@ -5,7 +5,6 @@
 //! hands the command to its module in [`cmd`]; what Daisy does lives in the
 //! `proxy` library.
 
-mod allocator;
 mod cli;
 mod cmd;
 
@@ -14,8 +13,26 @@ use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::cli::{Cli, Command};
 
+/// glibc gives each thread that allocates its own malloc arena, up to eight
+/// per core, and an arena keeps what it once held. With 64 blocking threads
+/// that is most of `daisy serve`'s resident memory (BENCHMARKS.md: peak RSS
+/// 59.5 MiB with the default, 42.5-52.8 MiB with two, on 2 cores;
+/// throughput within noise). One arena per core (at least two),
+/// unless `MALLOC_ARENA_MAX` says otherwise.
+fn cap_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = libc::c_int::try_from(cores.max(2)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only tunes the allocator; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+}
+
 fn main() {
-    allocator::cap_malloc_arenas();
+    cap_malloc_arenas();
     let code = match try_main() {
         Ok(()) => 0,
         Err(err) => {

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 /// `daisy plugin-host`.
 pub(crate) fn run(library: PathBuf, module: String, threads: usize, memory_mib: u64) -> ! {
-    crate::allocator::return_freed_pages_at_once();
     proxy::plugins::host::main(proxy::plugins::host::HostArgs {
         library,
         module,

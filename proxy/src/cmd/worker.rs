@@ -10,7 +10,6 @@ use crate::cli::WorkerArgs;
 
 /// `daisy worker`.
 pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    crate::allocator::return_freed_pages_at_once();
     let config = WorkerConfig {
         db: args.db.config(),
         queue: args.queue.config(),
