@@ -475,15 +475,7 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
     client.process(request.clone()).await.expect("accepted");
     // Killed only once the task is really executing (its line is written at
     // the start of its run, its effect 3 s later), not merely claimed.
-    let executions = || std::fs::read_to_string(counter.path()).expect("counter");
-    let started = std::time::Instant::now();
-    while executions().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "never executed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_executions(counter.path(), 1).await;
     first.kill();
 
     let _second = queue.worker(&db.url, plugins.path(), None, &[]);
@@ -498,7 +490,8 @@ async fn worker_killed_mid_task_hands_the_run_to_another_worker() {
         runs[0].attempts, 2,
         "the second worker ran it again: {runs:?}"
     );
-    assert_eq!(executions().lines().count(), 2, "one execution per worker");
+    let lines = std::fs::read_to_string(counter.path()).expect("counter");
+    assert_eq!(lines.lines().count(), 2, "one execution per worker");
     // Had the killed worker's execution gone on (its plugin host outliving
     // it), it would have applied the effect before the second one, whose
     // output would then say "already applied".

@@ -146,15 +146,7 @@ async fn the_run_id_is_the_same_on_a_redelivery_after_a_worker_kill() {
     let run_id = response.enqueued[0].run_id.clone();
 
     // The first execution has begun (its line is written, its effect not yet).
-    let executions = || std::fs::read_to_string(counter.path()).expect("counter");
-    let started = std::time::Instant::now();
-    while executions().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "never executed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_executions(counter.path(), 1).await;
     victim.kill();
     let _next = queue.worker(&db.url, plugins.path(), None, &[]);
     let runs = wait_for_runs(
@@ -169,7 +161,7 @@ async fn the_run_id_is_the_same_on_a_redelivery_after_a_worker_kill() {
     .await;
     assert_eq!(runs[0].run_id, run_id);
     // Executed twice (at least once, inherently), under one run id both times.
-    let lines: Vec<String> = executions().lines().map(str::to_owned).collect();
+    let lines = wait_for_executions(counter.path(), 2).await;
     let expected = format!("{} {run_id}", sent.submission_id);
     assert_eq!(lines, [expected.clone(), expected], "executions");
     // The effect, keyed by the run id, happened once.

@@ -317,3 +317,20 @@ pub fn fixture(lib: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// The lines of the file a `count` task appends to (one per execution
+/// begun), once there are at least `n`; panics after 30 s.
+pub async fn wait_for_executions(counter: &Path, n: usize) -> Vec<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(counter).expect("counter");
+        if text.lines().count() >= n {
+            return text.lines().map(str::to_owned).collect();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "fewer than {n} executions began: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
